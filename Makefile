@@ -1,0 +1,43 @@
+# Strata: `make run` serves on 127.0.0.1:8000; `make test` runs the test suite.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+CONFIG ?= configs/local.yaml
+# The torch build: 2.13.0 is a CPU build where a local wheel exists (CI), a CUDA
+# build from PyPI on a GPU box. Override with TORCH_SPEC='torch==X' if needed.
+TORCH_SPEC ?= torch==2.13.0
+
+.PHONY: run test install install-test tiny-models bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+
+# Stamp files: reinstall only when pyproject.toml changes.
+$(VENV)/.installed: pyproject.toml | $(BIN)/python
+	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
+	$(BIN)/pip install --quiet -e '.[models]'
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(BIN)/pip install --quiet -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test
+
+run: install
+	$(BIN)/python -m serve_app.run $(CONFIG)
+
+tiny-models: install
+	$(BIN)/python scripts/make_tiny_models.py
+
+test: install-test tiny-models
+	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
+
+bench: install
+	$(BIN)/python scripts/bench.py --quick
+
+clean:
+	rm -rf $(VENV) models/tiny

@@ -1,0 +1,159 @@
+"""The background-removal deployment: one class serving any segmentation engine.
+
+The configs deploy it once per model (BiRefNet, RMBG-2.0, classic). Requests are
+grouped into batches by `@serve.batch`; the batch size and wait come from the
+deployment's `user_config`, so they change at run time without a restart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+
+from deployments.engine import EngineInfo, SegmentationEngine
+
+logger = logging.getLogger("ray.serve")
+
+
+class SegmentationModelConfig(BaseModel):
+    """One background-removal model, as the config file's `args.segmentation.<name>`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["birefnet", "classic"] = Field(
+        "birefnet", description="birefnet: BiRefNet-family weights (BiRefNet, RMBG-2.0); classic: no weights."
+    )
+    weights: str | None = Field(None, description="Hugging Face model id or local directory (birefnet engine).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
+        "auto", description="auto: bfloat16/float16 on GPU, float32 on CPU."
+    )
+    input_size: int = Field(1024, ge=32, description="Square side the model runs at (BiRefNet: 1024; BiRefNet_HR: 2048).")
+    fallback: Literal["classic"] | None = Field(
+        None, description="Serve this engine instead when the weights cannot be had; unset: a startup error."
+    )
+    num_gpus: float = Field(
+        0, ge=0, description="GPU share per replica (fractions pack replicas on one GPU); ignored on a cluster with no GPU."
+    )
+
+    @model_validator(mode="after")
+    def _birefnet_needs_weights(self) -> "SegmentationModelConfig":
+        if self.engine == "birefnet" and not self.weights:
+            raise ValueError("the birefnet engine needs `weights` (a model id or a local directory)")
+        return self
+
+
+class BatchingConfig(BaseModel):
+    """The deployment's `user_config`: dynamic batching, changeable at run time."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_size: int = Field(8, ge=1, description="Most requests one model call takes.")
+    batch_wait_timeout_s: float = Field(
+        0.01, ge=0, description="Longest wait for a batch to fill once its first request arrived."
+    )
+
+
+@dataclass
+class Segmentation:
+    """One request's answer: its mask and how it was made."""
+
+    mask: np.ndarray
+    engine: str
+    batch_size: int
+
+
+def load_engine(name: str, config: SegmentationModelConfig) -> tuple[SegmentationEngine, str | None]:
+    """Build and load the configured engine; returns it and why it fell back, if it did."""
+    from deployments.classic import ClassicCutoutEngine
+
+    if config.engine == "classic":
+        engine: SegmentationEngine = ClassicCutoutEngine()
+        engine.load()
+        return engine, None
+
+    from deployments.birefnet import BiRefNetEngine
+    from deployments.weights import WeightsUnavailable
+
+    engine = BiRefNetEngine(
+        weights=config.weights,
+        device=config.device,
+        dtype=config.dtype,
+        input_size=config.input_size,
+        revision=config.revision,
+    )
+    try:
+        engine.load()
+        return engine, None
+    except (WeightsUnavailable, ImportError) as exc:
+        reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+        if config.fallback is None:
+            raise RuntimeError(f"model {name!r} cannot be loaded: {reason}") from exc
+        logger.warning("model %r serves the classic engine instead of %s: %s", name, config.weights, reason)
+        fallback = ClassicCutoutEngine()
+        fallback.load()
+        return fallback, reason
+
+
+@serve.deployment(
+    # Large enough for batches to fill: requests wait in the replica, not the router.
+    max_ongoing_requests=64,
+    user_config=BatchingConfig().model_dump(),
+)
+class SegmentationDeployment:
+    """Serves one segmentation engine with dynamic batching."""
+
+    def __init__(self, name: str, config: SegmentationModelConfig):
+        self._name = name
+        self._config = config
+        self._engine, self._fallback_reason = load_engine(name, config)
+        self._batching = BatchingConfig()
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Apply a new `user_config` (batch size and wait) without restarting."""
+        self._batching = BatchingConfig.model_validate(user_config or {})
+        self.segment.set_max_batch_size(self._batching.max_batch_size)
+        self.segment.set_batch_wait_timeout_s(self._batching.batch_wait_timeout_s)
+
+    def info(self) -> EngineInfo:
+        """The engine's input wishes, so the caller resizes once, on its side."""
+        return self._engine.info
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
+    async def segment(self, images: list[np.ndarray]) -> list[Segmentation]:
+        """Masks for RGB uint8 images, each at the size sent."""
+        # The engine call blocks; a thread keeps this replica's loop free to queue
+        # the next batch meanwhile.
+        masks = await asyncio.to_thread(self._engine.predict, images)
+        return [Segmentation(mask, self._engine.info.engine, len(images)) for mask in masks]
+
+    def health(self) -> dict[str, Any]:
+        """What /v1/health reports for this replica."""
+        info = self._engine.info
+        return {
+            "engine": info.engine,
+            "device": info.device,
+            "dtype": info.dtype,
+            "weights": self._config.weights if info.engine != "classic" else None,
+            "loaded": True,
+            "fallback_reason": self._fallback_reason,
+            "max_batch_size": self._batching.max_batch_size,
+            "batch_wait_timeout_s": self._batching.batch_wait_timeout_s,
+            "gpu_memory": _gpu_memory(info.device),
+        }
+
+
+def _gpu_memory(device: str) -> dict[str, int] | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return {"allocated_bytes": torch.cuda.memory_allocated(device), "free_bytes": free, "total_bytes": total}

@@ -1,0 +1,238 @@
+"""deployments/birefnet.py against the tiny BiRefNet from scripts/make_tiny_models.py.
+
+The tiny model loads through the real path (AutoModelForImageSegmentation,
+trust_remote_code, safetensors) and its output follows a known rule: red-ish pixels
+are foreground, logit = (R - (G + B) / 2 - 64) / 4 (see its module docstring).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from deployments.birefnet import BiRefNetEngine
+from deployments.engine import EngineInfo, SegmentationEngine
+from deployments.weights import WeightsUnavailable
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SIZE = 64  # the tiny model runs at any size; the engine's default stays 1024
+RED, GREY, BLUE = (220, 30, 30), (128, 128, 128), (40, 60, 200)
+
+
+def _load_script():
+    path = REPO_ROOT / "scripts" / "make_tiny_models.py"
+    spec = importlib.util.spec_from_file_location("make_tiny_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+make_tiny_models = _load_script()
+
+
+@pytest.fixture(scope="module")
+def hf_env(tmp_path_factory):
+    """HF_HOME and the remote-code module cache in tmp; offline."""
+    import transformers.dynamic_module_utils as dynamic_modules
+
+    home = tmp_path_factory.mktemp("hf_home")
+    modules = home / "modules"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HOME", str(home))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_MODULES_CACHE", str(modules))
+        # transformers reads HF_MODULES_CACHE at import; point its copy at tmp too, and
+        # undo the sys.path entry it adds for the module cache.
+        mp.setattr(dynamic_modules, "HF_MODULES_CACHE", str(modules))
+        mp.setattr(sys, "path", list(sys.path))
+        yield home
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    return make_tiny_models.make_tiny_birefnet(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def engine(hf_env, tiny_dir):
+    engine = BiRefNetEngine(str(tiny_dir), device="cpu", input_size=SIZE)
+    engine.load()
+    return engine
+
+
+def _disc_image(size=SIZE, center=(32, 30), radius=15, fg=RED, bg=GREY):
+    image = np.empty((size, size, 3), np.uint8)
+    image[:] = bg
+    disc = _disc(size, center, radius)
+    image[disc] = fg
+    return image, disc
+
+
+def _disc(size, center, radius, width=None):
+    yy, xx = np.mgrid[:size, : width or size]
+    return (yy - center[0]) ** 2 + (xx - center[1]) ** 2 < radius**2
+
+
+def _iou(a: np.ndarray, b: np.ndarray) -> float:
+    return (a & b).sum() / (a | b).sum()
+
+
+# ----------------------------------------------------------------- the tiny model
+
+
+def test_tiny_birefnet_directory_holds_config_remote_code_and_safetensors(tiny_dir):
+    import json
+
+    config = json.loads((tiny_dir / "config.json").read_text())
+    assert config["auto_map"]["AutoModelForImageSegmentation"] == "tiny_birefnet.TinyBiRefNet"
+    assert (tiny_dir / "tiny_birefnet.py").is_file()
+    assert (tiny_dir / "model.safetensors").is_file()
+
+
+def test_tiny_birefnet_loads_like_the_real_one_and_returns_logit_maps(hf_env, tiny_dir):
+    import torch
+    from transformers import AutoModelForImageSegmentation
+
+    model = AutoModelForImageSegmentation.from_pretrained(str(tiny_dir), trust_remote_code=True)
+    x = torch.zeros(2, 3, 48, 40)
+    with torch.inference_mode():
+        out = model.eval()(x)
+    assert isinstance(out, list) and len(out) > 1
+    assert out[-1].shape == (2, 1, 48, 40)
+
+
+def test_make_tiny_birefnet_is_idempotent(tmp_path):
+    first = make_tiny_models.make_tiny_birefnet(tmp_path)
+    weights = (first / "model.safetensors").read_bytes()
+    mtime = (first / "model.safetensors").stat().st_mtime_ns
+    assert make_tiny_models.make_tiny_birefnet(tmp_path) == first
+    assert (first / "model.safetensors").stat().st_mtime_ns == mtime
+    make_tiny_models.make_tiny_birefnet(tmp_path, force=True)
+    assert (first / "model.safetensors").read_bytes() == weights  # deterministic
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["birefnet"]  # no leftovers
+
+
+def test_script_main_builds_into_out(tmp_path, capsys):
+    assert make_tiny_models.main(["--out", str(tmp_path / "m"), "--only", "birefnet"]) == 0
+    assert (tmp_path / "m" / "birefnet" / "config.json").is_file()
+    assert "birefnet" in capsys.readouterr().out
+
+
+def test_script_runs_as_a_file():
+    result = subprocess.run([sys.executable, "scripts/make_tiny_models.py", "--help"],
+                            cwd=REPO_ROOT, capture_output=True, text=True, check=True)
+    assert "--out" in result.stdout
+
+
+# ----------------------------------------------------------------- the engine
+
+
+def test_engine_is_a_segmentation_engine_with_the_real_default_size():
+    engine = BiRefNetEngine("ZhengPeng7/BiRefNet")
+    assert isinstance(engine, SegmentationEngine)
+    assert engine.info.input_size == (1024, 1024)
+    assert not engine.loaded
+
+
+def test_engine_info_after_load(engine):
+    assert engine.info == EngineInfo(engine="birefnet", device="cpu", dtype="float32",
+                                     input_size=(SIZE, SIZE))
+
+
+def test_red_disc_on_grey_gives_a_mask_of_the_disc(engine):
+    image, disc = _disc_image()
+    (mask,) = engine.predict([image])
+    assert mask.shape == (SIZE, SIZE)
+    assert _iou(mask >= 128, disc) >= 0.9
+
+
+def test_batch_of_three_equals_three_single_calls(engine):
+    images = [
+        _disc_image(center=(20, 20), radius=10)[0],
+        _disc_image(center=(40, 44), radius=18, bg=BLUE)[0],
+        np.full((SIZE, SIZE, 3), GREY, np.uint8),
+    ]
+    batched = engine.predict(images)
+    singles = [engine.predict([image])[0] for image in images]
+    assert len(batched) == 3
+    for b, s in zip(batched, singles):
+        np.testing.assert_array_equal(b, s)
+
+
+def test_masks_are_uint8(engine):
+    (mask,) = engine.predict([_disc_image()[0]])
+    assert mask.dtype == np.uint8
+    assert mask.min() == 0 and mask.max() == 255
+
+
+def test_all_background_image_gives_an_empty_mask_not_a_stretched_one(engine):
+    (mask,) = engine.predict([np.full((SIZE, SIZE, 3), GREY, np.uint8)])
+    assert mask.max() <= 1
+
+
+def test_mask_is_the_sigmoid_times_255_not_thresholded(engine):
+    # (160, 96, 96) sits exactly on the tiny model's decision boundary: logit 0.
+    (mask,) = engine.predict([np.full((SIZE, SIZE, 3), (160, 96, 96), np.uint8)])
+    assert np.all(np.abs(mask.astype(int) - 128) <= 1)
+
+
+def test_images_of_another_size_are_resized_and_masks_keep_their_size(engine):
+    h, w = 48, 100
+    image = np.full((h, w, 3), GREY, np.uint8)
+    disc = _disc(h, (24, 60), 16, width=w)
+    image[disc] = RED
+    (mask,) = engine.predict([image])
+    assert mask.shape == (h, w) and mask.dtype == np.uint8
+    assert _iou(mask >= 128, disc) >= 0.9
+
+
+def test_empty_batch_gives_no_masks(engine):
+    assert engine.predict([]) == []
+
+
+def test_predict_before_load_raises(tiny_dir):
+    with pytest.raises(RuntimeError, match="before load"):
+        BiRefNetEngine(str(tiny_dir), input_size=SIZE).predict([_disc_image()[0]])
+
+
+def test_half_dtype_on_cpu_runs_in_float32(hf_env, tiny_dir):
+    engine = BiRefNetEngine(str(tiny_dir), device="cpu", dtype="float16", input_size=SIZE)
+    engine.load()
+    assert engine.info.dtype == "float32"
+
+
+def test_hub_id_loads_from_the_hf_cache_offline(hf_env, tiny_dir):
+    commit = "fedcba9876543210fedcba9876543210fedcba98"
+    repo = hf_env / "hub" / "models--strata-tests--tiny-birefnet"
+    shutil.copytree(tiny_dir, repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    engine = BiRefNetEngine("strata-tests/tiny-birefnet", device="cpu", input_size=SIZE)
+    engine.load()
+    image, disc = _disc_image()
+    assert _iou(engine.predict([image])[0] >= 128, disc) >= 0.9
+
+
+def test_missing_local_directory_raises_weights_unavailable(hf_env, tmp_path):
+    engine = BiRefNetEngine(str(tmp_path / "missing"), input_size=SIZE)
+    with pytest.raises(WeightsUnavailable, match="does not exist"):
+        engine.load()
+
+
+def test_uncached_hub_id_offline_raises_weights_unavailable_naming_it(hf_env):
+    with pytest.raises(WeightsUnavailable) as info:
+        BiRefNetEngine("briaai/RMBG-2.0", input_size=SIZE).load()
+    assert "briaai/RMBG-2.0" in info.value.reason
+
+
+def test_importing_the_engine_does_not_import_torch():
+    code = ("import sys, deployments.birefnet; "
+            "heavy = [m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)

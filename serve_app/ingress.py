@@ -4,7 +4,6 @@ It owns HTTP and the CPU-side image work (decode, resize, composite, encode), so
 model replicas receive model-sized uint8 arrays. It never imports torch.
 """
 
-from __future__ import annotations
 
 import asyncio
 import time
@@ -47,6 +46,20 @@ _IMAGE_BODY = {
         },
     }
 }
+
+
+async def _await(response):
+    return await response
+
+
+def _replica_states() -> dict[str, dict[str, int]]:
+    """Replica counts by state for each deployment of this application."""
+    app_name = serve.get_replica_context().app_name
+    application = serve.status().applications.get(app_name)
+    if application is None:
+        return {}
+    return {name: {str(state): count for state, count in status.replica_states.items()}
+            for name, status in application.deployments.items()}
 
 
 @serve.deployment(max_ongoing_requests=128)
@@ -162,16 +175,3 @@ class Ingress:
             return ModelHealth(loaded=False, last_error=f"{type(exc).__name__}: {exc}")
         return ModelHealth(**report)
 
-
-async def _await(response):
-    return await response
-
-
-def _replica_states() -> dict[str, dict[str, int]]:
-    """Replica counts by state for each deployment of this application."""
-    app_name = serve.get_replica_context().app_name
-    application = serve.status().applications.get(app_name)
-    if application is None:
-        return {}
-    return {name: {str(state): count for state, count in status.replica_states.items()}
-            for name, status in application.deployments.items()}

@@ -36,7 +36,7 @@ HUB_IGNORE_PATTERNS = (
     "*.onnx", "onnx/*", "*.bin", "*.pth", "*.pt", "*.ckpt", "*.h5", "*.msgpack",
     "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", "*.mp4",
 )
-PIP_HINT = "pip install 'strata[birefnet]' (timm, kornia, einops, torchvision)"
+PIP_HINT = "pip install 'strata[gpu]' (timm, kornia, einops, torchvision)"
 
 
 class BiRefNetEngine(SegmentationEngine):

@@ -138,6 +138,7 @@ class SegmentationDeployment:
         """What /v1/health reports for this replica."""
         info = self._engine.info
         return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
             "engine": info.engine,
             "device": info.device,
             "dtype": info.dtype,

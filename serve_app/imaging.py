@@ -398,13 +398,16 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
 # --------------------------------------------------------------------------- foreground colour
 
 _EPS = 1e-5
-# The estimator's output at a row depends on input rows at most 45 + 3 away
-# (box r=90 then r=6), so strips overlapping by this much give the same result
-# as one pass over the whole image.
+# The estimator's output at a pixel depends on input pixels at most 45 + 3 away
+# (box r=90 then r=6), so tiles overlapping by this much give the same result as
+# one pass over the whole image.
 _REFINE_MARGIN = 64
-# Process in strips of about this many pixels: bounds memory (the float32
-# working set is ~100 bytes a pixel) and keeps it closer to the caches.
-_REFINE_STRIP_PIXELS = 2_000_000
+# Work in tiles of at most this many pixels (plus margins): bounds memory (the
+# float32 working set is ~80 bytes a pixel, ~60 MB a tile) whatever the image's
+# shape, and keeps it nearer the caches: measured as fast as one pass over a
+# 1024x1024 image and ~1.5x faster than one pass over 2048x1536.
+_REFINE_TILE_PIXELS = 512 * 1024
+_REFINE_TILE_MAX_SIDE = 1024
 
 
 def refine_foreground(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
@@ -419,16 +422,20 @@ def refine_foreground(rgb: np.ndarray, alpha: np.ndarray) -> np.ndarray:
     """
     rgb, alpha = _check_pair(rgb, alpha)
     h, w = alpha.shape
-    strip = max(4 * _REFINE_MARGIN, _REFINE_STRIP_PIXELS // max(w, 1))
-    if strip >= h:
-        return _blur_fusion(rgb, alpha, _FusionBuffers(h, w))
+    tile_w = min(w, _REFINE_TILE_MAX_SIDE)
+    tile_h = min(h, max(2 * _REFINE_MARGIN, _REFINE_TILE_PIXELS // tile_w))
+    if (tile_w, tile_h) == (w, h):
+        return _blur_fusion(rgb, alpha, _FusionBuffers(h * w))
     out = np.empty((h, w, 3), np.uint8)
-    buffers = _FusionBuffers(min(h, strip + 2 * _REFINE_MARGIN), w)
-    for y0 in range(0, h, strip):
-        y1 = min(h, y0 + strip)
+    buffers = _FusionBuffers(min(h, tile_h + 2 * _REFINE_MARGIN) * min(w, tile_w + 2 * _REFINE_MARGIN))
+    for y0 in range(0, h, tile_h):
+        y1 = min(h, y0 + tile_h)
         s0, s1 = max(0, y0 - _REFINE_MARGIN), min(h, y1 + _REFINE_MARGIN)
-        part = _blur_fusion(rgb[s0:s1], alpha[s0:s1], buffers)
-        out[y0:y1] = part[y0 - s0 : y1 - s0]
+        for x0 in range(0, w, tile_w):
+            x1 = min(w, x0 + tile_w)
+            t0, t1 = max(0, x0 - _REFINE_MARGIN), min(w, x1 + _REFINE_MARGIN)
+            part = _blur_fusion(rgb[s0:s1, t0:t1], alpha[s0:s1, t0:t1], buffers)
+            out[y0:y1, x0:x1] = part[y0 - s0 : y1 - s0, x0 - t0 : x1 - t0]
     return out
 
 
@@ -437,18 +444,21 @@ class _FusionBuffers:
 
     Fresh 10+ MB arrays cost page faults on every touch; reusing six buffers is
     about a third faster than writing the estimator as plain numpy expressions.
+    Flat storage, so every tile gets C-contiguous views (OpenCV's ``dst=`` needs them).
     """
 
-    def __init__(self, rows: int, cols: int) -> None:
-        self.planes = [np.empty((rows, cols, 3), np.float32) for _ in range(6)]
-        self.singles = [np.empty((rows, cols), np.float32) for _ in range(3)]
+    def __init__(self, pixels: int) -> None:
+        self.planes = [np.empty(pixels * 3, np.float32) for _ in range(6)]
+        self.singles = [np.empty(pixels, np.float32) for _ in range(3)]
 
-    def take(self, rows: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
-        return [p[:rows] for p in self.planes], [s[:rows] for s in self.singles]
+    def take(self, rows: int, cols: int) -> tuple[list[np.ndarray], list[np.ndarray]]:
+        n = rows * cols
+        return ([p[: n * 3].reshape(rows, cols, 3) for p in self.planes],
+                [s[:n].reshape(rows, cols) for s in self.singles])
 
 
 def _blur_fusion(rgb: np.ndarray, alpha: np.ndarray, buffers: _FusionBuffers) -> np.ndarray:
-    (I, a3, X, P, Q, R), (a, D1, D2) = buffers.take(alpha.shape[0])
+    (I, a3, X, P, Q, R), (a, D1, D2) = buffers.take(*alpha.shape)
     # Colours stay in 0..255 (the estimator is linear in colour), alpha in 0..1.
     np.copyto(I, rgb, casting="unsafe")
     np.multiply(alpha, np.float32(1 / 255), out=a, casting="unsafe")
@@ -523,10 +533,11 @@ def compose(
     rgb, alpha = _check_pair(rgb, alpha)
     fg = refine_foreground(rgb, alpha) if refine else rgb
     if bg_color is None:
-        r, g, b = cv2.split(fg)
-        rgba = cv2.merge((r, g, b, alpha))
-        # copyTo with a mask writes into a zero-filled array: colour is kept only where alpha > 0.
-        return cv2.copyTo(rgba, alpha)
+        # copyTo with a mask writes into a zero-filled array: colour is kept only
+        # where alpha > 0. (3-channel copyTo + cvtColor is ~3x faster than merge/split.)
+        rgba = cv2.cvtColor(cv2.copyTo(fg, alpha), cv2.COLOR_RGB2RGBA)
+        rgba[..., 3] = alpha
+        return rgba
     background = np.empty_like(fg)
     background[:] = _color_tuple(bg_color)
     weight = np.multiply(alpha, np.float32(1 / 255), dtype=np.float32)

@@ -138,7 +138,7 @@ class Ingress:
         try:
             return imaging.decode_image(data, self._limits)
         except imaging.ImageRejected as exc:
-            raise ProblemError(exc.status, exc.title, exc.detail, slug="image-rejected") from exc
+            raise ProblemError(exc.status, exc.title, exc.detail, slug=exc.code) from exc
 
     async def _segment(self, model: str, rgb: np.ndarray) -> tuple[np.ndarray, str, int]:
         handle = self._segmenters[model]

@@ -1,27 +1,28 @@
-"""`python -m serve_app.run CONFIG`: `serve run CONFIG` that also stops on SIGTERM.
+"""`python -m serve_app.run CONFIG`: `serve run CONFIG` that also stops cleanly on SIGTERM.
 
-`serve run` shuts Serve and its local Ray down on Ctrl-C but dies abruptly on
-SIGTERM (what `kill`, systemd and `make` send), which can leave Ray processes
-behind. Here SIGTERM takes the same clean path as Ctrl-C.
+`serve run` shuts Serve and its local Ray down cleanly on Ctrl-C (SIGINT), but
+SIGTERM (what `kill`, systemd and `make` send) meets the handlers `ray.init`
+installs and ends the process abruptly. So `serve run` runs as a child here, and
+a SIGTERM to this process reaches it as the Ctrl-C it handles well.
 """
 
 from __future__ import annotations
 
 import signal
+import subprocess
 import sys
 
-from ray.serve.scripts import cli
 
-
-def _stop(signum, frame):
-    raise KeyboardInterrupt
-
-
-def main(argv: list[str]) -> None:
-    """Run `serve run` with `argv` after it, handling SIGTERM like Ctrl-C."""
-    signal.signal(signal.SIGTERM, _stop)
-    cli.main(args=["run", *argv], prog_name="serve")
+def main(argv: list[str]) -> int:
+    """Run `serve run argv...` until it exits; returns its exit status."""
+    child = subprocess.Popen(
+        [sys.executable, "-c", "from ray.serve.scripts import cli; cli()", "run", *argv]
+    )
+    # A terminal's Ctrl-C already reaches the child (same process group).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGINT))
+    return child.wait()
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    sys.exit(main(sys.argv[1:]))

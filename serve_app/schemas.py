@@ -36,6 +36,7 @@ class Problem(BaseModel):
 class ModelHealth(BaseModel):
     """One model deployment as its replicas report it."""
 
+    replica: str | None = Field(None, description="The replica that answered this report.")
     engine: str | None = Field(None, description="The engine actually serving: birefnet or classic.")
     device: str | None = None
     dtype: str | None = None

@@ -201,8 +201,8 @@ def test_loader_import_error_says_what_to_install(tmp_path):
         raise ImportError("This modeling file requires timm, kornia. Run `pip install timm kornia`")
 
     with pytest.raises(WeightsUnavailable) as info:
-        load_pretrained(loader, str(tmp_path), pip_hint="pip install 'strata[birefnet]'")
-    assert "timm" in info.value.reason and "strata[birefnet]" in info.value.reason
+        load_pretrained(loader, str(tmp_path), pip_hint="pip install 'strata[gpu]'")
+    assert "timm" in info.value.reason and "strata[gpu]" in info.value.reason
 
 
 # ----------------------------------------------------------------- hub ids

@@ -1,0 +1,92 @@
+"""Serve behaviour on a real local Ray: run-time batching changes, queue bounds,
+fallback to the classic engine, startup errors and the health report."""
+
+from __future__ import annotations
+
+import copy
+from concurrent.futures import ThreadPoolExecutor
+
+import httpx
+import pytest
+from ray import serve
+
+from tests.conftest import deploy_config, tiny_config
+from tests.test_remove_background_api import assert_problem, post_image, red_disc_png
+
+
+def with_deployment(config: dict, name: str, **options) -> dict:
+    config = copy.deepcopy(config)
+    for deployment in config["applications"][0]["deployments"]:
+        if deployment["name"] == name:
+            deployment.update(options)
+    return config
+
+
+def concurrent_posts(client, count: int, **params) -> list[httpx.Response]:
+    data, _ = red_disc_png()
+    with ThreadPoolExecutor(count) as pool:
+        return list(pool.map(lambda _: post_image(client, data, **params), range(count)))
+
+
+def test_max_batch_size_changes_at_run_time_without_a_restart(client, tiny_models_dir):
+    before = client.get("/v1/health").json()["models"]["tiny"]
+    config = with_deployment(tiny_config(tiny_models_dir), "tiny",
+                             user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.2})
+    deploy_config(config)
+    responses = concurrent_posts(client, 6, model="tiny")
+    assert {r.headers["x-batch-size"] for r in responses} == {"1"}
+    after = client.get("/v1/health").json()["models"]["tiny"]
+    assert after["max_batch_size"] == 1
+    assert after["replica"] == before["replica"]  # reconfigured in place, not restarted
+
+
+def test_full_queue_answers_503_with_retry_after(client, tiny_models_dir):
+    config = with_deployment(tiny_config(tiny_models_dir), "tiny", max_ongoing_requests=1,
+                             max_queued_requests=1,
+                             user_config={"max_batch_size": 1, "batch_wait_timeout_s": 1.0})
+    deploy_config(config)
+    responses = concurrent_posts(client, 8, model="tiny")
+    statuses = sorted(r.status_code for r in responses)
+    assert set(statuses) == {200, 503} and statuses.count(200) >= 1
+    busy = next(r for r in responses if r.status_code == 503)
+    assert_problem(busy, 503, "queue")
+    assert busy.headers["retry-after"] == "1"
+
+
+def test_unavailable_weights_fall_back_to_classic_and_say_so(client, tiny_models_dir, tmp_path):
+    config = tiny_config(tiny_models_dir)
+    config["applications"][0]["args"]["segmentation"]["tiny"].update(
+        weights=str(tmp_path / "no-such-model"), fallback="classic")
+    deploy_config(config)
+    data, _ = red_disc_png()
+    response = post_image(client, data, model="tiny")
+    assert response.status_code == 200
+    assert response.headers["x-engine"] == "classic"
+    tiny = client.get("/v1/health").json()["models"]["tiny"]
+    assert tiny["engine"] == "classic"
+    assert "no-such-model" in tiny["fallback_reason"]
+
+
+def test_unavailable_weights_without_fallback_fail_at_startup_with_the_reason(serve_instance, tiny_models_dir, tmp_path):
+    config = tiny_config(tiny_models_dir)
+    config["applications"][0]["args"]["segmentation"]["tiny"]["weights"] = str(tmp_path / "missing")
+    with pytest.raises(Exception):
+        deploy_config(config)
+    status = serve.status().applications["strata"]
+    assert status.status == "DEPLOY_FAILED"
+    assert "missing" in status.deployments["tiny"].message
+
+
+def test_health_reports_each_model_engine_device_and_replicas(client):
+    body = client.get("/v1/health").json()
+    assert body["status"] == "ok" and body["default_model"] == "tiny"
+    tiny, classic = body["models"]["tiny"], body["models"]["classic"]
+    assert (tiny["engine"], tiny["device"], tiny["dtype"]) == ("birefnet", "cpu", "float32")
+    assert classic["engine"] == "classic" and classic["fallback_reason"] is None
+    assert tiny["replicas"] == {"RUNNING": 1}
+
+
+def test_openapi_documents_the_routes(client):
+    spec = client.get("/openapi.json").json()
+    assert {"/v1/remove-background", "/v1/health", "/healthz"} <= set(spec["paths"])
+    assert client.get("/docs").status_code == 200

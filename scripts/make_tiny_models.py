@@ -20,8 +20,18 @@ birefnet/
     still defaults to the real model's 1024x1024: tests and configs/test.yaml pass a
     small ``input_size`` (e.g. 64) to keep CPU runs fast.
 
-Room is left for ``make_tiny_qwen_image_layered`` (a tiny QwenImageLayeredPipeline, see
-DESIGN.md section 2): add the function and a ``MODELS`` entry.
+qwen-image-layered/
+    Loads like ``Qwen/Qwen-Image-Layered``: ``QwenImageLayeredPipeline.from_pretrained(dir)``
+    (diffusers layout: ``model_index.json`` plus one folder per component). Every
+    component has the real one's class and wiring, only tiny and randomly initialised
+    (fixed seed): an MMDiT with ``use_layer3d_rope`` and ``use_additional_t_cond``, an
+    RGBA VAE (``input_channels=4``) with the real one's three downsampling stages, a
+    Qwen2.5-VL text encoder and a byte-level Qwen2 tokenizer built here (no download).
+    Its layers are noise-like: it checks plumbing (loading, call arguments, progress,
+    cancellation, seeds, output shapes), not quality. ``processor`` is saved as None
+    (``Qwen2VLProcessor`` needs torchvision), so the pipeline cannot caption an image:
+    always pass a prompt to it. Needs ``diffusers`` (built and tested with 0.42.1);
+    without it, building all models skips this one.
 """
 
 from __future__ import annotations
@@ -199,10 +209,198 @@ def make_tiny_birefnet(out_dir: str | os.PathLike = DEFAULT_OUT, *, force: bool 
     return target
 
 
-# name -> builder; make_tiny_qwen_image_layered goes here when it exists.
+# --------------------------------------------------------------------------- qwen-image-layered
+
+QWEN_LAYERED_BUILDER_VERSION = 1
+QWEN_LAYERED_SEED = 0
+
+# Qwen2's special tokens, in the real tokenizer's order (there from id 151643 on; here
+# right after the 256 byte tokens). The pipeline's prompt templates use <|im_start|>,
+# <|im_end|> and the vision ones.
+QWEN_SPECIAL_TOKENS = (
+    "<|endoftext|>", "<|im_start|>", "<|im_end|>",
+    "<|object_ref_start|>", "<|object_ref_end|>", "<|box_start|>", "<|box_end|>",
+    "<|quad_start|>", "<|quad_end|>", "<|vision_start|>", "<|vision_end|>",
+    "<|vision_pad|>", "<|image_pad|>", "<|video_pad|>",
+)
+# Text width shared by the text encoder (hidden_size) and the MMDiT (joint_attention_dim).
+_QWEN_TEXT_DIM = 16
+# z_dim must not be 4 (the RGBA input's channel count: the pipeline would take the
+# image for latents); the MMDiT sees 2x2 patches of it: in_channels = 4 * z_dim, and
+# out_channels = z_dim (it predicts 4 * out_channels per patch).
+_QWEN_Z_DIM = 8
+
+QWEN_LAYERED_CONFIG = {
+    "transformer": dict(
+        patch_size=2,
+        in_channels=4 * _QWEN_Z_DIM,
+        out_channels=_QWEN_Z_DIM,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=_QWEN_TEXT_DIM,
+        guidance_embeds=False,
+        axes_dims_rope=[8, 4, 4],  # sums to attention_head_dim
+        use_layer3d_rope=True,
+        use_additional_t_cond=True,
+    ),
+    "vae": dict(
+        base_dim=8,
+        z_dim=_QWEN_Z_DIM,
+        dim_mult=[1, 2, 4, 4],  # three downsampling stages, as the real VAE (x8)
+        num_res_blocks=1,
+        temperal_downsample=[False, True, True],
+        input_channels=4,  # RGBA
+        latents_mean=[0.0] * _QWEN_Z_DIM,
+        latents_std=[1.0] * _QWEN_Z_DIM,
+    ),
+    "scheduler": dict(
+        # The real model's scheduler settings (dynamic shifting, exponential).
+        base_image_seq_len=256,
+        base_shift=0.5,
+        max_image_seq_len=8192,
+        max_shift=0.9,
+        num_train_timesteps=1000,
+        shift=1.0,
+        shift_terminal=0.02,
+        time_shift_type="exponential",
+        use_dynamic_shifting=True,
+    ),
+    "text_config": dict(
+        hidden_size=_QWEN_TEXT_DIM,
+        intermediate_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=4096,
+        # head_dim 8: the mrope sections cover its 4 rotary frequencies.
+        rope_parameters={"rope_type": "default", "rope_theta": 1000000.0,
+                         "mrope_section": [1, 1, 2]},
+    ),
+    "vision_config": dict(
+        depth=2,
+        hidden_size=16,
+        intermediate_size=32,
+        num_heads=2,
+        out_hidden_size=_QWEN_TEXT_DIM,
+        fullatt_block_indexes=[1],
+        window_size=112,
+    ),
+}
+
+
+def _byte_level_vocab() -> dict[str, int]:
+    """GPT-2 / Qwen2 byte-level alphabet: each of the 256 bytes as one printable
+    character (the mapping ``bytes_to_unicode`` of GPT-2), as a BPE vocabulary with no
+    merges, so any text tokenizes to one token per UTF-8 byte."""
+    printable = (list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+                 + list(range(ord("®"), ord("ÿ") + 1)))
+    chars = {}
+    extra = 0
+    for b in range(256):
+        if b in printable:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return {chars[b]: b for b in range(256)}
+
+
+def _tiny_qwen_tokenizer():
+    """A Qwen2Tokenizer built here: byte-level vocabulary, no merges, Qwen2's special
+    tokens (transformers 5 builds it from ``vocab=`` and ``merges=`` directly)."""
+    from transformers import Qwen2Tokenizer
+
+    vocab = _byte_level_vocab()
+    for token in QWEN_SPECIAL_TOKENS:
+        vocab[token] = len(vocab)
+    extra = [t for t in QWEN_SPECIAL_TOKENS if t != "<|endoftext|>"]
+    return Qwen2Tokenizer(vocab=vocab, merges=[], unk_token=None, bos_token=None,
+                          eos_token="<|im_end|>", pad_token="<|endoftext|>",
+                          extra_special_tokens=extra, model_max_length=32768)
+
+
+def _qwen_layered_source() -> str:
+    """What the built directory depends on (for the stamp): the configs, the tokens."""
+    return json.dumps({"config": QWEN_LAYERED_CONFIG, "special_tokens": QWEN_SPECIAL_TOKENS,
+                       "seed": QWEN_LAYERED_SEED}, sort_keys=True)
+
+
+def _build_tiny_qwen_layered_pipeline():
+    """The tiny QwenImageLayeredPipeline, in memory (random weights, fixed seed)."""
+    import torch
+    from diffusers import (AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler,
+                           QwenImageLayeredPipeline, QwenImageTransformer2DModel)
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    cfg = QWEN_LAYERED_CONFIG
+    tokenizer = _tiny_qwen_tokenizer()
+    ids = {token: tokenizer.convert_tokens_to_ids(token) for token in QWEN_SPECIAL_TOKENS}
+    text_config = dict(cfg["text_config"], vocab_size=len(tokenizer),
+                       bos_token_id=ids["<|endoftext|>"], eos_token_id=ids["<|im_end|>"],
+                       pad_token_id=ids["<|endoftext|>"])
+    te_config = Qwen2_5_VLConfig(
+        text_config=text_config,
+        vision_config=dict(cfg["vision_config"]),
+        image_token_id=ids["<|image_pad|>"],
+        video_token_id=ids["<|video_pad|>"],
+        vision_start_token_id=ids["<|vision_start|>"],
+        vision_end_token_id=ids["<|vision_end|>"],
+    )
+    # Own RNG state: building does not disturb the caller's torch.manual_seed.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(QWEN_LAYERED_SEED)
+        transformer = QwenImageTransformer2DModel(**cfg["transformer"]).eval()
+        torch.manual_seed(QWEN_LAYERED_SEED + 1)
+        vae = AutoencoderKLQwenImage(**cfg["vae"]).eval()
+        torch.manual_seed(QWEN_LAYERED_SEED + 2)
+        text_encoder = Qwen2_5_VLForConditionalGeneration(te_config).eval()
+    scheduler = FlowMatchEulerDiscreteScheduler(**cfg["scheduler"])
+    return QwenImageLayeredPipeline(
+        scheduler=scheduler, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+        processor=None,  # Qwen2VLProcessor needs torchvision: no captioning in the tiny one
+        transformer=transformer,
+    )
+
+
+def make_tiny_qwen_image_layered(out_dir: str | os.PathLike = DEFAULT_OUT, *,
+                                 force: bool = False) -> Path:
+    """Write ``out_dir/qwen-image-layered/``: a tiny QwenImageLayeredPipeline; returns its path."""
+    out_dir = Path(out_dir)
+    target = out_dir / "qwen-image-layered"
+    stamp = _stamp("qwen-image-layered", QWEN_LAYERED_BUILDER_VERSION, _qwen_layered_source())
+    if not force and _is_current(target, stamp):
+        return target
+
+    pipe = _build_tiny_qwen_layered_pipeline()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".qwen-image-layered.partial-", dir=out_dir))
+    try:
+        pipe.save_pretrained(staging, safe_serialization=True)
+        (staging / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
+        for path in [staging, *staging.rglob("*")]:
+            path.chmod(0o755 if path.is_dir() else 0o644)
+        _replace_dir(staging, target)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return target
+
+
+# name -> builder
 MODELS: dict[str, Callable[..., Path]] = {
     "birefnet": make_tiny_birefnet,
+    "qwen-image-layered": make_tiny_qwen_image_layered,
 }
+# name -> Python packages its builder needs beyond torch and transformers. Building
+# "all" skips (with a note) a model whose packages are missing; --only NAME fails.
+REQUIRES: dict[str, tuple[str, ...]] = {
+    "qwen-image-layered": ("diffusers",),
+}
+
+
+def _missing(name: str) -> list[str]:
+    return [pkg for pkg in REQUIRES.get(name, ()) if importlib.util.find_spec(pkg) is None]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -214,6 +412,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--force", action="store_true", help="rebuild even if up to date")
     args = parser.parse_args(argv)
     for name in args.only or list(MODELS):
+        missing = _missing(name)
+        if missing and not args.only:
+            print(f"{name}: skipped ({', '.join(missing)} not installed)")
+            continue
         path = MODELS[name](args.out, force=args.force)
         size = sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
         print(f"{name}: {path} ({size / 1024:.1f} KiB)")

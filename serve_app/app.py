@@ -7,6 +7,7 @@ from typing import Any
 import ray
 from ray.serve import Application
 
+from deployments.decomposition import LayerDecompositionDeployment, layer_deployment_name
 from deployments.segmentation import SegmentationDeployment
 from serve_app.config import AppConfig
 from serve_app.ingress import Ingress
@@ -17,7 +18,7 @@ def _cluster_has_gpus() -> bool:
 
 
 def build_app(args: dict[str, Any]) -> Application:
-    """The ingress bound to one segmentation deployment per configured model."""
+    """The ingress bound to one deployment per configured model."""
     config = AppConfig.model_validate(args)
     has_gpus = _cluster_has_gpus()
     segmenters = {
@@ -29,4 +30,10 @@ def build_app(args: dict[str, Any]) -> Application:
         ).bind(name, model)
         for name, model in config.segmentation.items()
     }
-    return Ingress.bind(config, segmenters)
+    decomposers = {
+        name: LayerDecompositionDeployment.options(
+            name=layer_deployment_name(name), ray_actor_options={"num_gpus": model.num_gpus if has_gpus else 0},
+        ).bind(name, model)
+        for name, model in config.layered.items()
+    }
+    return Ingress.bind(config, segmenters, decomposers)

@@ -7,8 +7,11 @@ serving settings (replicas, batching, queue bounds) in the config file's
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from deployments.decomposition import LayeredModelConfig
 from deployments.segmentation import SegmentationModelConfig
 
 
@@ -26,6 +29,27 @@ class UploadLimits(BaseModel):
         return int(self.max_upload_mb * 1024 * 1024)
 
 
+class JobsConfig(BaseModel):
+    """Durable layer jobs: where they live, how many wait, how long they stay."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data_dir: str = Field("data", description="Inputs and results (and the SQLite job store); relative to the working directory.")
+    store_url: str | None = Field(
+        None, description="SQLAlchemy URL of the job store; unset: sqlite:///<data_dir>/jobs.db. PostgreSQL: postgresql+psycopg://...",
+    )
+    max_queued: int = Field(20, ge=1, description="Queued jobs accepted at most; past this POST answers 503 with Retry-After.")
+    max_running: int = Field(2, ge=1, description="Jobs one ingress replica dispatches to the models at once.")
+    lease_s: float = Field(30, gt=0, description="A dispatch's lease; a job whose lease lapsed (its process died) is dispatched again.")
+    max_attempts: int = Field(3, ge=1, description="Dispatches of one job before it fails (a job that kills its worker).")
+    retention_h: float = Field(168, gt=0, description="Hours a finished job and its files are kept.")
+    max_wait_s: float = Field(60, ge=0, description="Longest `Prefer: wait=N` honoured.")
+
+    @property
+    def url(self) -> str:
+        return self.store_url or f"sqlite:///{Path(self.data_dir).resolve() / 'jobs.db'}"
+
+
 class AppConfig(BaseModel):
     """Everything `serve_app.app:build_app` reads from the config file's `args`."""
 
@@ -35,6 +59,12 @@ class AppConfig(BaseModel):
         description="Background-removal models by the name clients use (`?model=`); each becomes a deployment of that name.",
     )
     default_model: str = Field(description="The model used when a request names none.")
+    layered: dict[str, LayeredModelConfig] = Field(
+        default_factory=dict,
+        description="Layer-decomposition models by the name clients use (`?model=`); each becomes a deployment named `layers-<name>`.",
+    )
+    default_layer_model: str | None = Field(None, description="The layer model used when a job names none.")
+    jobs: JobsConfig = Field(default_factory=JobsConfig)
     limits: UploadLimits = Field(default_factory=UploadLimits)
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 when a queue is full.")
     model_timeout_s: float = Field(120, gt=0, description="Longest wait for one model call before answering 503.")
@@ -47,5 +77,10 @@ class AppConfig(BaseModel):
             raise ValueError(
                 f"default_model {self.default_model!r} is not one of the segmentation models "
                 f"({', '.join(self.segmentation)})"
+            )
+        if self.layered and self.default_layer_model not in self.layered:
+            raise ValueError(
+                f"default_layer_model {self.default_layer_model!r} is not one of the layered models "
+                f"({', '.join(self.layered)})"
             )
         return self

@@ -711,3 +711,21 @@ def render_cutout(
 
 
 _crop_view = crop  # render_cutout's ``crop`` argument shadows the function
+
+
+def to_rgba(image: DecodedImage) -> np.ndarray:
+    """The image as HxWx4 uint8 RGBA (opaque where it had no alpha)."""
+    alpha = image.alpha if image.alpha is not None else np.full(image.rgb.shape[:2], 255, np.uint8)
+    return np.dstack((image.rgb, alpha))
+
+
+def decode_rgba_png(data: bytes) -> np.ndarray:
+    """HxWx4 uint8 RGBA of a PNG this service wrote (inputs and layers it stored)."""
+    bgra = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if bgra is None:
+        raise ValueError("stored PNG is unreadable")
+    if bgra.ndim == 2:
+        bgra = cv2.cvtColor(bgra, cv2.COLOR_GRAY2BGRA)
+    elif bgra.shape[2] == 3:
+        bgra = cv2.cvtColor(bgra, cv2.COLOR_BGR2BGRA)
+    return cv2.cvtColor(bgra, cv2.COLOR_BGRA2RGBA)

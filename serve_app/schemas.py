@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 class RemoveBackgroundParams(BaseModel):
@@ -55,15 +55,87 @@ class Health(BaseModel):
 
     status: Literal["ok", "degraded"]
     default_model: str
-    models: dict[str, ModelHealth]
+    models: dict[str, ModelHealth] = Field(description="Background-removal models.")
+    default_layer_model: str | None
+    layer_models: dict[str, ModelHealth] = Field(description="Layer-decomposition models.")
 
 
 PROBLEM_RESPONSES = {
     status: {"model": Problem, "description": description, "content": {"application/problem+json": {}}}
     for status, description in {
         413: "Upload or image too large",
+        404: "No such job or file",
         415: "Not an image this service reads",
         422: "Invalid parameters or image",
         503: "Busy: retry after the Retry-After header's seconds",
     }.items()
 }
+
+
+class LayersParams(BaseModel):
+    """Query parameters of `POST /v1/layers`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    model: str | None = Field(None, description="Layer model name as listed by /v1/health; default: the configured default.")
+    layers: int = Field(4, ge=2, le=10, description="Number of layers (background first).")
+    resolution: int = Field(640, description="Working resolution bucket: 640 (recommended) or 1024.")
+    steps: int = Field(50, ge=1, le=100, description="Diffusion steps (num_inference_steps).")
+    seed: int | None = Field(None, ge=0, le=2**32 - 1, description="Random seed for reproducible layers.")
+    prompt: str | None = Field(None, max_length=2000, description="Describe the image; empty: the model captions it.")
+    true_cfg_scale: float = Field(4.0, ge=1.0, le=20.0, description="Classifier-free guidance scale (active above 1).")
+
+    @field_validator("resolution")
+    @classmethod
+    def _bucket(cls, value: int) -> int:
+        if value not in (640, 1024):
+            raise ValueError("resolution must be 640 or 1024")
+        return value
+
+
+class LayerView(BaseModel):
+    index: int = Field(description="1 = bottom (background).")
+    name: str
+    file: str
+    url: str
+    width: int
+    height: int
+    bbox: list[int] | None = Field(description="[x, y, width, height] of the layer's content; null when empty.")
+
+
+class JobResult(BaseModel):
+    engine: str
+    model: str
+    width: int
+    height: int
+    layers: list[LayerView]
+    zip_url: str
+    psd_url: str
+    manifest_url: str
+    timings: dict[str, float]
+
+
+class JobView(BaseModel):
+    """A layer job (`GET /v1/jobs/{id}`)."""
+
+    id: str
+    kind: str
+    status: Literal["queued", "running", "succeeded", "failed", "cancelled"]
+    progress: float = Field(description="0..1")
+    step: int | None
+    total_steps: int | None
+    created_at: str
+    started_at: str | None
+    finished_at: str | None
+    params: dict[str, Any]
+    error: str | None
+    result: JobResult | None
+    attempts: int
+    cancel_requested: bool
+
+
+class JobList(BaseModel):
+    """`GET /v1/jobs`: newest first."""
+
+    jobs: list[JobView]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next page; null on the last page.")

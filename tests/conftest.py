@@ -33,6 +33,12 @@ def _load_script(name: str):
 
 
 @pytest.fixture(scope="session")
+def data_dir(tmp_path_factory) -> Path:
+    """The job store and results of this session's app."""
+    return tmp_path_factory.mktemp("data")
+
+
+@pytest.fixture(scope="session")
 def tiny_models_dir(tmp_path_factory) -> Path:
     """Tiny models written offline by scripts/make_tiny_models.py."""
     out = tmp_path_factory.mktemp("tiny-models")
@@ -76,18 +82,20 @@ def deploy_config(config: dict) -> None:
     _deployed.append(copy.deepcopy(config))
 
 
-def tiny_config(tiny_models_dir: Path) -> dict:
-    """configs/test.yaml pointed at this session's tiny models."""
+def tiny_config(tiny_models_dir: Path, data_dir: Path) -> dict:
+    """configs/test.yaml pointed at this session's tiny models and data directory."""
     config = copy.deepcopy(load_config("test.yaml"))
-    models = config["applications"][0]["args"]["segmentation"]
-    models["tiny"]["weights"] = str(tiny_models_dir / "birefnet")
+    args = config["applications"][0]["args"]
+    args["segmentation"]["tiny"]["weights"] = str(tiny_models_dir / "birefnet")
+    args["layered"]["tiny-qwen"]["weights"] = str(tiny_models_dir / "qwen-image-layered")
+    args["jobs"]["data_dir"] = str(data_dir)
     return config
 
 
 @pytest.fixture
-def strata(serve_instance, tiny_models_dir) -> str:
+def strata(serve_instance, tiny_models_dir, data_dir) -> str:
     """Base URL of Strata deployed from configs/test.yaml on the session's Ray."""
-    deploy_config(tiny_config(tiny_models_dir))
+    deploy_config(tiny_config(tiny_models_dir, data_dir))
     return serve_instance
 
 

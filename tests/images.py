@@ -126,3 +126,82 @@ def _photographic(rgb: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     if not ok:
         raise RuntimeError("JPEG encoding failed")
     return np.ascontiguousarray(cv2.imdecode(jpeg, cv2.IMREAD_COLOR)[..., ::-1])
+
+
+# Hand-checked palettes for ``flat_design``: background, circle, rectangle, triangle,
+# text. No colour lies near the segment between two others, so edge pixels (mixes of
+# two colours) never look like a third colour.
+_FLAT_PALETTES = [
+    [(242, 236, 222), (214, 64, 52), (38, 92, 168), (246, 182, 36), (28, 28, 36)],
+    [(28, 40, 64), (236, 112, 44), (84, 180, 140), (236, 236, 240), (250, 210, 60)],
+    [(236, 240, 244), (124, 58, 160), (40, 160, 200), (220, 60, 120), (40, 70, 40)],
+]
+
+
+def flat_design(
+    width: int = 512,
+    height: int = 384,
+    seed: int = 0,
+    background: Literal["plain", "gradient"] = "plain",
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """A flat graphic (poster or logo style) and the visible extent of each shape.
+
+    A plain background (or with ``background="gradient"``, one that shades from the
+    palette's background colour at the top to a cooler one at the bottom) carries,
+    back to front: a circle, a rectangle overlapping the
+    circle's right side, a triangle overlapping the rectangle's lower right corner and
+    a line of text-like marks (``cv2.putText`` strokes) along the top, each in its own
+    flat colour, all anti-aliased (drawn at 4x and averaged down).
+
+    Returns ``(rgb, masks)``: an HxWx3 uint8 RGB image and four HxW bool arrays,
+    back to front (circle, rectangle, triangle, text), each True where that shape
+    makes up at least half of the pixel's colour (so parts hidden under later
+    shapes are False). ``seed`` picks the palette and nudges the layout.
+    """
+    rng = np.random.default_rng(seed)
+    colours = _FLAT_PALETTES[seed % len(_FLAT_PALETTES)]
+    s = _SUPERSAMPLE
+    jx, jy = rng.uniform(-0.02, 0.02, 2)
+    big_w, big_h, unit = width * s, height * s, min(width, height) * s
+
+    def canvas() -> np.ndarray:
+        return np.zeros((big_h, big_w), np.uint8)
+
+    def point(fx: float, fy: float) -> tuple[int, int]:
+        return round((fx + jx) * big_w), round((fy + jy) * big_h)
+
+    circle = canvas()
+    cv2.circle(circle, point(0.30, 0.52), round(0.27 * unit), 255, -1)
+    rectangle = canvas()
+    cv2.rectangle(rectangle, point(0.44, 0.36), point(0.74, 0.78), 255, -1)
+    triangle = canvas()
+    corners = np.array([point(0.60, 0.94), point(0.92, 0.94), point(0.80, 0.58)], np.int32)
+    cv2.fillPoly(triangle, [corners], 255)
+    text = canvas()
+    # Cap height about 9% of the shorter side, strokes about 1.1% (2.6 pixels at 240).
+    scale = 0.09 * unit / 22.0
+    cv2.putText(text, "STRATA 24", point(0.06, 0.27), cv2.FONT_HERSHEY_SIMPLEX, scale, 255,
+                max(1, round(0.011 * unit)), cv2.LINE_8)
+
+    coverages = [
+        cv2.resize(shape, (width, height), interpolation=cv2.INTER_AREA).astype(np.float32) / 255.0
+        for shape in (circle, rectangle, triangle, text)
+    ]
+    rgb = np.empty((height, width, 3), np.float32)
+    rgb[:] = colours[0]
+    if background == "gradient":
+        shade = np.linspace(0.0, 1.0, height, dtype=np.float32)[:, None, None]
+        cool = np.array(colours[0], np.float32) * 0.8 + np.array((0.0, 20.0, 50.0), np.float32)
+        rgb = rgb + shade * (cool - rgb)
+    elif background != "plain":
+        raise ValueError(f"unknown background {background!r}")
+    for coverage, colour in zip(coverages, colours[1:]):
+        c = coverage[..., None]
+        rgb = c * np.array(colour, np.float32) + (1.0 - c) * rgb
+    masks = []
+    for k, coverage in enumerate(coverages):
+        visible = coverage.copy()
+        for above in coverages[k + 1:]:
+            visible *= 1.0 - above
+        masks.append(visible >= 0.5)
+    return np.clip(np.rint(rgb), 0, 255).astype(np.uint8), masks

@@ -47,6 +47,9 @@ def test_serve_run_stops_cleanly_leaving_no_ray_process(tmp_path, stop):
     # Only the weights-free model, so this needs no tiny-model files.
     app["args"]["segmentation"] = {"classic": {"engine": "classic"}}
     app["args"]["default_model"] = "classic"
+    app["args"]["layered"] = {}
+    app["args"]["default_layer_model"] = None
+    app["args"]["jobs"]["data_dir"] = str(tmp_path / "data")
     app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", "classic")]
     config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
@@ -67,4 +70,4 @@ def test_serve_run_stops_cleanly_leaving_no_ray_process(tmp_path, stop):
         assert alive == [], f"left behind: {[p.info for p in alive]}"
     finally:
         if process.poll() is None:
-            process.kill()
+            os.killpg(process.pid, signal.SIGKILL)

@@ -28,9 +28,9 @@ def concurrent_posts(client, count: int, **params) -> list[httpx.Response]:
         return list(pool.map(lambda _: post_image(client, data, **params), range(count)))
 
 
-def test_max_batch_size_changes_at_run_time_without_a_restart(client, tiny_models_dir):
+def test_max_batch_size_changes_at_run_time_without_a_restart(client, tiny_models_dir, data_dir):
     before = client.get("/v1/health").json()["models"]["tiny"]
-    config = with_deployment(tiny_config(tiny_models_dir), "tiny",
+    config = with_deployment(tiny_config(tiny_models_dir, data_dir), "tiny",
                              user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.2})
     deploy_config(config)
     responses = concurrent_posts(client, 6, model="tiny")
@@ -40,8 +40,8 @@ def test_max_batch_size_changes_at_run_time_without_a_restart(client, tiny_model
     assert after["replica"] == before["replica"]  # reconfigured in place, not restarted
 
 
-def test_full_queue_answers_503_with_retry_after(client, tiny_models_dir):
-    config = with_deployment(tiny_config(tiny_models_dir), "tiny", max_ongoing_requests=1,
+def test_full_queue_answers_503_with_retry_after(client, tiny_models_dir, data_dir):
+    config = with_deployment(tiny_config(tiny_models_dir, data_dir), "tiny", max_ongoing_requests=1,
                              max_queued_requests=1,
                              user_config={"max_batch_size": 1, "batch_wait_timeout_s": 1.0})
     deploy_config(config)
@@ -53,8 +53,8 @@ def test_full_queue_answers_503_with_retry_after(client, tiny_models_dir):
     assert busy.headers["retry-after"] == "1"
 
 
-def test_unavailable_weights_fall_back_to_classic_and_say_so(client, tiny_models_dir, tmp_path):
-    config = tiny_config(tiny_models_dir)
+def test_unavailable_weights_fall_back_to_classic_and_say_so(client, tiny_models_dir, data_dir, tmp_path):
+    config = tiny_config(tiny_models_dir, data_dir)
     config["applications"][0]["args"]["segmentation"]["tiny"].update(
         weights=str(tmp_path / "no-such-model"), fallback="classic")
     deploy_config(config)
@@ -67,8 +67,8 @@ def test_unavailable_weights_fall_back_to_classic_and_say_so(client, tiny_models
     assert "no-such-model" in tiny["fallback_reason"]
 
 
-def test_unavailable_weights_without_fallback_fail_at_startup_with_the_reason(serve_instance, tiny_models_dir, tmp_path):
-    config = tiny_config(tiny_models_dir)
+def test_unavailable_weights_without_fallback_fail_at_startup_with_the_reason(serve_instance, tiny_models_dir, data_dir, tmp_path):
+    config = tiny_config(tiny_models_dir, data_dir)
     config["applications"][0]["args"]["segmentation"]["tiny"]["weights"] = str(tmp_path / "missing")
     with pytest.raises(Exception):
         deploy_config(config)

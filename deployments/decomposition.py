@@ -1,0 +1,155 @@
+"""The layer-decomposition deployment: one image per engine call, streamed progress.
+
+A call is a streaming handle call (`handle.options(stream=True)`): it yields one
+progress event per engine step, then the layers. Cancelling the call (the caller's
+`response.cancel()`) makes the engine stop at its next step. Scale with replicas:
+the Qwen pipeline must not batch several images in one call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import AsyncIterator
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from ray import serve
+
+from deployments.engine import DecompositionCancelled, LayerEngine, LayerParams
+
+logger = logging.getLogger("ray.serve")
+
+
+class LayeredModelConfig(BaseModel):
+    """One layer-decomposition model, as the config file's `args.layered.<name>`."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    engine: Literal["qwen-image-layered", "classic"] = Field(
+        "qwen-image-layered", description="qwen-image-layered (diffusers weights) or classic (palette, no weights)."
+    )
+    weights: str | None = Field(None, description="Hugging Face model id or local directory (qwen-image-layered).")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
+    device: str = Field(
+        "auto", description="auto (needs a GPU; never the 55 GB model on CPU by default), cpu, cuda or cuda:N."
+    )
+    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field("auto", description="auto: bfloat16 on GPU.")
+    cpu_offload: bool = Field(False, description="Model CPU offload for 48 GB GPUs (slower).")
+    attention_backend: str | None = Field(
+        None, description="diffusers attention backend (native, flash, _flash_3, sage, ...); unset: torch SDPA."
+    )
+    fallback: Literal["classic"] | None = Field(
+        None, description="Serve this engine instead when the model cannot run here; unset: a startup error."
+    )
+    num_gpus: float = Field(0, ge=0, description="GPU share per replica; ignored on a cluster with no GPU.")
+
+    @model_validator(mode="after")
+    def _qwen_needs_weights(self) -> "LayeredModelConfig":
+        if self.engine == "qwen-image-layered" and not self.weights:
+            raise ValueError("the qwen-image-layered engine needs `weights` (a model id or a local directory)")
+        return self
+
+
+def layer_deployment_name(model: str) -> str:
+    """The deployment of layer model `model`. Layer models may share a client-facing
+    name with a segmentation model (`classic` does both), so they are named apart."""
+    return f"layers-{model}"
+
+
+def load_layer_engine(name: str, config: LayeredModelConfig) -> tuple[LayerEngine, str | None]:
+    """Build and load the configured engine; returns it and why it fell back, if it did."""
+    from deployments.classic import ClassicLayerEngine
+
+    if config.engine == "classic":
+        engine: LayerEngine = ClassicLayerEngine()
+        engine.load()
+        return engine, None
+
+    from deployments.qwen_layered import QwenLayeredEngine
+    from deployments.weights import WeightsUnavailable
+
+    engine = QwenLayeredEngine(
+        weights=config.weights,
+        device=config.device,
+        dtype=config.dtype,
+        cpu_offload=config.cpu_offload,
+        attention_backend=config.attention_backend,
+        revision=config.revision,
+    )
+    try:
+        engine.load()
+        return engine, None
+    except (WeightsUnavailable, ImportError) as exc:
+        reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+        if config.fallback is None:
+            raise RuntimeError(f"model {name!r} cannot be loaded: {reason}") from exc
+        logger.warning("model %r serves the classic engine instead of %s: %s", name, config.weights, reason)
+        fallback = ClassicLayerEngine()
+        fallback.load()
+        return fallback, reason
+
+
+@serve.deployment(
+    # One pipeline call per replica at a time; further calls wait in the queue.
+    max_ongoing_requests=1,
+    # Long jobs: let a running decomposition finish on scale-down or upgrade.
+    graceful_shutdown_timeout_s=600,
+)
+class LayerDecompositionDeployment:
+    """Serves one layer engine; `decompose` streams progress, then the layers."""
+
+    def __init__(self, name: str, config: LayeredModelConfig):
+        self._name = name
+        self._config = config
+        self._engine, self._fallback_reason = load_layer_engine(name, config)
+
+    async def decompose(self, image: np.ndarray, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        """Yields {"type": "progress", "step", "total"} per step, then
+        {"type": "layers", "layers": [HxWx4 uint8], "engine"}."""
+        layer_params = LayerParams(**params)
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+        stop = threading.Event()
+
+        def on_step(step: int, total: int) -> bool:
+            loop.call_soon_threadsafe(events.put_nowait, {"type": "progress", "step": step, "total": total})
+            return not stop.is_set()
+
+        work = asyncio.ensure_future(asyncio.to_thread(self._engine.decompose, image, layer_params, on_step))
+        try:
+            while True:
+                getter = asyncio.ensure_future(events.get())
+                await asyncio.wait({getter, work}, return_when=asyncio.FIRST_COMPLETED)
+                if getter.done():
+                    yield getter.result()
+                    continue
+                getter.cancel()
+                while not events.empty():
+                    yield events.get_nowait()
+                break
+            layers = work.result()  # raises DecompositionCancelled or the engine's error
+            yield {"type": "layers", "layers": layers, "engine": self._engine.info.engine}
+        finally:
+            # The caller cancelled (or went away): the engine stops at its next step.
+            stop.set()
+            if not work.done():
+                try:
+                    await asyncio.shield(work)
+                except (DecompositionCancelled, Exception):
+                    pass
+
+    def health(self) -> dict[str, Any]:
+        """What /v1/health reports for this replica."""
+        info = self._engine.info
+        return {
+            "replica": serve.get_replica_context().replica_id.unique_id,
+            "engine": info.engine,
+            "device": info.device,
+            "dtype": info.dtype,
+            "weights": self._config.weights if info.engine != "classic" else None,
+            "loaded": True,
+            "fallback_reason": self._fallback_reason,
+        }

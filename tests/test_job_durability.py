@@ -1,0 +1,39 @@
+"""No accepted job is lost when the whole app stops and starts again."""
+
+from __future__ import annotations
+
+import time
+from urllib.parse import urlparse
+
+from ray import serve
+
+from tests import conftest
+from tests.test_layer_jobs_api import QWEN, submit, wait_for_end
+from tests.test_remove_background_api import red_disc_png
+
+
+def restart_app(base_url: str, config: dict) -> None:
+    """Stop Serve (proxy, ingress, model replicas) and deploy the same config again."""
+    serve.shutdown()
+    serve.start(http_options={"host": "127.0.0.1", "port": urlparse(base_url).port})
+    conftest._deployed.clear()
+    conftest.deploy_config(config)
+
+
+def test_a_job_running_when_the_app_stops_finishes_after_a_restart(client, strata, tiny_models_dir, data_dir):
+    rgb = red_disc_png(64, 48)[0]
+    finished = submit(client, rgb, headers={"Prefer": "wait=60"}, model="classic", layers=2).json()
+    assert finished["status"] == "succeeded"
+    running = submit(client, rgb, **{**QWEN, "steps": 8}).json()
+    deadline = time.monotonic() + 60
+    while (client.get(f"/v1/jobs/{running['id']}").json()["step"] or 0) < 1:
+        assert time.monotonic() < deadline, "the job did not start"
+        time.sleep(0.1)
+
+    restart_app(strata, conftest.tiny_config(tiny_models_dir, data_dir))
+
+    job = wait_for_end(client, running["id"], timeout_s=240)
+    assert job["status"] == "succeeded", job["error"]
+    assert job["attempts"] >= 2  # dispatched again once its lease lapsed
+    zip_response = client.get(f"/v1/jobs/{finished['id']}/result.zip")
+    assert zip_response.status_code == 200 and zip_response.content[:2] == b"PK"

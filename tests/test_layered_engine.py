@@ -1,0 +1,146 @@
+"""deployments/qwen_layered.py against the tiny QwenImageLayeredPipeline of
+scripts/make_tiny_models.py.
+
+The tiny pipeline loads through the real path (QwenImageLayeredPipeline.from_pretrained
+on a diffusers directory) and runs the real denoising loop; its weights are random, so
+its layers are noise: these tests check plumbing, not quality. Each pipeline run takes
+seconds on a CPU (VAE at the 640 bucket), so the engine is loaded once and runs are few:
+2 steps, 2 layers, a 64x48 input.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("diffusers", reason="needs diffusers (QwenImageLayeredPipeline)")
+
+from deployments import qwen_layered  # noqa: E402
+from deployments.engine import DecompositionCancelled, LayerParams  # noqa: E402
+from deployments.qwen_layered import QwenLayeredEngine  # noqa: E402
+from deployments.weights import WeightsUnavailable  # noqa: E402
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+HEIGHT, WIDTH = 48, 64
+PARAMS = LayerParams(layers=2, resolution=640, steps=2, seed=7, prompt="a red square on grey")
+
+
+def _load_script():
+    path = REPO_ROOT / "scripts" / "make_tiny_models.py"
+    spec = importlib.util.spec_from_file_location("make_tiny_models", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
+        return _load_script().make_tiny_qwen_image_layered(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_dir):
+    engine = QwenLayeredEngine(str(tiny_dir), device="cpu")
+    engine.load()
+    return engine
+
+
+@pytest.fixture(scope="module")
+def image():
+    rgba = np.empty((HEIGHT, WIDTH, 4), np.uint8)
+    rgba[:] = (128, 128, 128, 255)
+    rgba[10:30, 20:44] = (220, 30, 30, 255)
+    return rgba
+
+
+@pytest.fixture(scope="module")
+def first_run(engine, image):
+    """One decomposition with PARAMS, recording its progress calls."""
+    calls = []
+
+    def on_step(step, total):
+        calls.append((step, total))
+        return True
+
+    return engine.decompose(image, PARAMS, on_step=on_step), calls
+
+
+def test_returns_the_requested_number_of_rgba_layers_of_the_input_size(first_run):
+    layers, _ = first_run
+    assert len(layers) == PARAMS.layers
+    for layer in layers:
+        assert layer.shape == (HEIGHT, WIDTH, 4)
+        assert layer.dtype == np.uint8
+
+
+def test_on_step_is_called_once_per_step_with_step_and_total(first_run):
+    _, calls = first_run
+    assert calls == [(1, 2), (2, 2)]
+
+
+def test_on_step_returning_false_cancels_before_the_next_step(engine, image):
+    calls = []
+    forwards = []
+    hook = engine._pipe.transformer.register_forward_hook(lambda *args: forwards.append(1))
+
+    def on_step(step, total):
+        calls.append((step, total))
+        return False
+
+    try:
+        with pytest.raises(DecompositionCancelled):
+            engine.decompose(image, LayerParams(layers=2, steps=3, seed=1, prompt="x"), on_step=on_step)
+    finally:
+        hook.remove()
+    assert calls == [(1, 3)]
+    assert len(forwards) == 2  # one step: a conditional and a CFG (negative prompt) pass
+
+
+def test_same_seed_gives_identical_layers(engine, image, first_run):
+    again = engine.decompose(image, PARAMS)
+    for a, b in zip(first_run[0], again, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_auto_device_without_gpu_is_unavailable_without_loading(tiny_dir, monkeypatch):
+    import torch
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the pipeline must not be loaded without a GPU")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(qwen_layered, "load_pretrained", no_load)
+    engine = QwenLayeredEngine(str(tiny_dir), device="auto")
+    with pytest.raises(WeightsUnavailable) as info:
+        engine.load()
+    assert "no GPU" in info.value.reason and "device: cpu" in info.value.reason
+    assert not engine.loaded
+
+
+def test_resolution_other_than_640_or_1024_is_a_value_error(engine, image):
+    with pytest.raises(ValueError, match="640 or 1024"):
+        engine.decompose(image, LayerParams(layers=2, resolution=512, steps=1, prompt="x"))
+
+
+def test_empty_prompt_without_a_captioner_is_a_value_error(engine, image):
+    # The tiny pipeline has no Qwen2VLProcessor (as any pipeline loaded without
+    # torchvision): it cannot caption, and the raw pipeline would fail with a TypeError.
+    assert not engine.can_caption
+    with pytest.raises(ValueError, match="prompt is required"):
+        engine.decompose(image, LayerParams(layers=2, steps=1, prompt="  "))
+
+
+def test_importing_the_module_imports_neither_torch_nor_diffusers():
+    code = ("import sys, deployments.qwen_layered; "
+            "print(sorted(m for m in ('torch', 'diffusers', 'transformers') if m in sys.modules))")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
+                            text=True, check=True)
+    assert result.stdout.strip() == "[]"

@@ -45,6 +45,9 @@ class LayeredModelConfig(BaseModel):
         None, description="Serve this engine instead when the model cannot run here; unset: a startup error."
     )
     num_gpus: float = Field(0, ge=0, description="GPU share per replica; ignored on a cluster with no GPU.")
+    num_cpus: float = Field(
+        0.25, ge=0, description="CPU share per replica Ray reserves for scheduling (small, so all models fit a laptop)."
+    )
 
     @model_validator(mode="after")
     def _qwen_needs_weights(self) -> "LayeredModelConfig":

@@ -42,6 +42,9 @@ class SegmentationModelConfig(BaseModel):
     num_gpus: float = Field(
         0, ge=0, description="GPU share per replica (fractions pack replicas on one GPU); ignored on a cluster with no GPU."
     )
+    num_cpus: float = Field(
+        0.25, ge=0, description="CPU share per replica Ray reserves for scheduling (small, so all models fit a laptop)."
+    )
 
     @model_validator(mode="after")
     def _birefnet_needs_weights(self) -> "SegmentationModelConfig":

@@ -17,6 +17,12 @@ def _cluster_has_gpus() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
+def _resources(num_cpus: float, num_gpus: float, has_gpus: bool) -> dict[str, float]:
+    # A GPU share on a GPU-less cluster would never schedule: the same config
+    # then serves on CPU.
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus if has_gpus else 0}
+
+
 def build_app(args: dict[str, Any]) -> Application:
     """The ingress bound to one deployment per configured model."""
     config = AppConfig.model_validate(args)
@@ -24,16 +30,16 @@ def build_app(args: dict[str, Any]) -> Application:
     segmenters = {
         name: SegmentationDeployment.options(
             name=name,
-            # A GPU share on a GPU-less cluster would never schedule: the same
-            # config then serves on CPU.
-            ray_actor_options={"num_gpus": model.num_gpus if has_gpus else 0},
+            ray_actor_options=_resources(model.num_cpus, model.num_gpus, has_gpus),
         ).bind(name, model)
         for name, model in config.segmentation.items()
     }
     decomposers = {
         name: LayerDecompositionDeployment.options(
-            name=layer_deployment_name(name), ray_actor_options={"num_gpus": model.num_gpus if has_gpus else 0},
+            name=layer_deployment_name(name),
+            ray_actor_options=_resources(model.num_cpus, model.num_gpus, has_gpus),
         ).bind(name, model)
         for name, model in config.layered.items()
     }
-    return Ingress.bind(config, segmenters, decomposers)
+    ingress = Ingress.options(ray_actor_options={"num_cpus": config.ingress_num_cpus})
+    return ingress.bind(config, segmenters, decomposers)

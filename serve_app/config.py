@@ -66,6 +66,9 @@ class AppConfig(BaseModel):
     default_layer_model: str | None = Field(None, description="The layer model used when a job names none.")
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     limits: UploadLimits = Field(default_factory=UploadLimits)
+    ingress_num_cpus: float = Field(
+        0.5, ge=0, description="CPU share per ingress replica Ray reserves for scheduling."
+    )
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 when a queue is full.")
     model_timeout_s: float = Field(120, gt=0, description="Longest wait for one model call before answering 503.")
 

@@ -63,7 +63,7 @@ class LayerJobRunner:
         self._wake = asyncio.Event()
         self._listeners: dict[str, set[asyncio.Queue]] = defaultdict(set)
         self._loop_task: asyncio.Task | None = None
-        self._last_expiry = 0.0
+        self._last_expiry = float("-inf")
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -79,7 +79,9 @@ class LayerJobRunner:
         while True:
             try:
                 await self._dispatch_once()
-                await self._expire_old_jobs()
+                if time.monotonic() - self._last_expiry >= 60:
+                    self._last_expiry = time.monotonic()
+                    await self.expire_finished()
             except Exception:  # the loop must outlive a database hiccup
                 logger.exception("layer job dispatch failed; retrying")
             try:
@@ -113,10 +115,8 @@ class LayerJobRunner:
         self._streams.pop(job_id, None)
         self._wake.set()
 
-    async def _expire_old_jobs(self) -> None:
-        if time.monotonic() - self._last_expiry < 60:
-            return
-        self._last_expiry = time.monotonic()
+    async def expire_finished(self) -> None:
+        """Delete finished jobs older than the retention, with their files."""
         for job_id in await run_in_threadpool(self.store.expired, self._retention_s):
             await run_in_threadpool(self.delete_files_and_row, job_id)
 

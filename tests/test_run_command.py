@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import subprocess
@@ -12,21 +13,26 @@ import httpx
 import psutil
 import pytest
 import yaml
+from PIL import Image
 
 from tests.conftest import ROOT, _free_port, load_config
+from tests.images import product_photo
+from tests.test_remove_background_api import jpeg_bytes
 
 
-def wait_until_serving(url: str, process: subprocess.Popen, timeout_s: float = 120) -> None:
+def wait_until_healthy(base: str, process: subprocess.Popen, timeout_s: float = 180) -> dict:
+    """/v1/health once every model answers (polling a condition, bounded)."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         assert process.poll() is None, "the server exited before serving"
         try:
-            if httpx.get(url, timeout=2).status_code == 200:
-                return
+            response = httpx.get(f"{base}/v1/health", timeout=30)
+            if response.status_code == 200 and response.json()["status"] == "ok":
+                return response.json()
         except httpx.TransportError:
             pass
-        time.sleep(0.5)  # polling a condition, bounded by the deadline
-    pytest.fail(f"{url} did not answer within {timeout_s} s")
+        time.sleep(0.5)
+    pytest.fail(f"{base} was not healthy within {timeout_s} s")
 
 
 def stop_with_sigterm(process: subprocess.Popen) -> None:
@@ -39,35 +45,39 @@ def stop_with_ctrl_c(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.parametrize("stop", [stop_with_sigterm, stop_with_ctrl_c], ids=["SIGTERM", "Ctrl-C"])
-def test_serve_run_stops_cleanly_leaving_no_ray_process(tmp_path, stop):
+def test_make_run_serves_local_yaml_here_and_stops_cleanly(tmp_path, stop):
+    # configs/local.yaml as `make run` serves it, on a free port with its own data.
     port = _free_port()
-    config = load_config("test.yaml")
+    config = load_config("local.yaml")
     config["http_options"]["port"] = port
-    app = config["applications"][0]
-    # Only the weights-free model, so this needs no tiny-model files.
-    app["args"]["segmentation"] = {"classic": {"engine": "classic"}}
-    app["args"]["default_model"] = "classic"
-    app["args"]["layered"] = {}
-    app["args"]["default_layer_model"] = None
-    app["args"]["jobs"]["data_dir"] = str(tmp_path / "data")
-    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", "classic")]
-    config_path = tmp_path / "config.yaml"
+    config["applications"][0]["args"]["jobs"]["data_dir"] = str(tmp_path / "data")
+    config_path = tmp_path / "local.yaml"
     config_path.write_text(yaml.safe_dump(config))
 
-    # RAY_ADDRESS=local: a Ray of its own, not the test session's cluster.
-    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled"}
+    # RAY_ADDRESS=local: a Ray of its own (sized by this machine), not the test
+    # session's cluster. HF_HUB_OFFLINE: no weights here, deterministically.
+    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
     process = subprocess.Popen([sys.executable, "-m", "serve_app.run", str(config_path)],
                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
     try:
-        wait_until_serving(f"http://127.0.0.1:{port}/healthz", process)
-        assert httpx.get(f"http://127.0.0.1:{port}/v1/health").json()["models"]["classic"]["engine"] == "classic"
+        health = wait_until_healthy(base, process)
+        assert health["models"]["birefnet"]["engine"] == "classic"
+        assert "ZhengPeng7/BiRefNet" in health["models"]["birefnet"]["fallback_reason"]
+        assert health["layer_models"]["qwen-image-layered"]["engine"] == "classic"
+        rgb, _ = product_photo(400, 300)
+        response = httpx.post(f"{base}/v1/remove-background?model=birefnet", timeout=60,
+                              files={"image": ("photo.jpg", jpeg_bytes(rgb), "image/jpeg")})
+        assert response.status_code == 200 and response.headers["x-engine"] == "classic"
+        assert Image.open(io.BytesIO(response.content)).mode == "RGBA"
+
         ray_processes = psutil.Process(process.pid).children(recursive=True)
         assert ray_processes, "serve run started no Ray processes"
         stop(process)
         assert process.wait(timeout=60) == 0
         _, alive = psutil.wait_procs(ray_processes, timeout=30)
-        assert alive == [], f"left behind: {[p.info for p in alive]}"
+        assert alive == [], f"left behind: {alive}"
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

@@ -13,10 +13,17 @@ import subprocess
 import sys
 
 
+def _default_sigint() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def main(argv: list[str]) -> int:
     """Run `serve run argv...` until it exits; returns its exit status."""
     child = subprocess.Popen(
-        [sys.executable, "-c", "from ray.serve.scripts import cli; cli()", "run", *argv]
+        [sys.executable, "-c", "from ray.serve.scripts import cli; cli()", "run", *argv],
+        # Started in the background, a shell hands us SIGINT ignored; the child
+        # needs it back to turn it into its clean KeyboardInterrupt shutdown.
+        preexec_fn=_default_sigint,
     )
     # A terminal's Ctrl-C already reaches the child (same process group).
     signal.signal(signal.SIGINT, signal.SIG_IGN)

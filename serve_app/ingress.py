@@ -194,7 +194,8 @@ class Ingress:
         job_id = new_job_id()
         storage, store = self._jobs.storage, self._jobs.store
         # The input first, then the row: a dispatcher never sees a job without its input.
-        await run_in_threadpool(storage.put, input_key(job_id), await run_in_threadpool(lambda: imaging.encode_png(imaging.to_rgba(image))))
+        input_png = await run_in_threadpool(lambda: imaging.encode_png(imaging.to_rgba(image)))
+        await run_in_threadpool(storage.put, input_key(job_id), input_png)
         try:
             job = await run_in_threadpool(lambda: store.create(
                 KIND, job_params, max_queued=self._config.jobs.max_queued, job_id=job_id))

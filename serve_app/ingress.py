@@ -15,6 +15,7 @@ from typing import Annotated, Any, Literal
 import numpy as np
 from fastapi import FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
+from fastapi.staticfiles import StaticFiles
 from ray import serve
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 from ray.serve.handle import DeploymentHandle
@@ -46,6 +47,16 @@ app = FastAPI(
     summary="Background removal and layer decomposition, self-hosted on Ray Serve.",
 )
 install_problem_handlers(app)
+
+# The web UI: static files of frontend/ (the repository root is the parent of serve_app/).
+FRONTEND_DIR = FilePath(__file__).resolve().parent.parent / "frontend"
+app.mount("/static", StaticFiles(directory=FRONTEND_DIR, check_dir=False), name="static")
+
+
+@app.get("/", include_in_schema=False)
+async def web_ui() -> FileResponse:
+    return FileResponse(FRONTEND_DIR / "index.html", headers={"Cache-Control": "no-cache"})
+
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
 _IMAGE_BODY = {

@@ -7,7 +7,7 @@ CONFIG ?= configs/local.yaml
 # build from PyPI on a GPU box. Override with TORCH_SPEC='torch==X' if needed.
 TORCH_SPEC ?= torch==2.13.0
 
-.PHONY: run test install install-test tiny-models bench clean
+.PHONY: run test install install-test tiny-models browser bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -33,7 +33,10 @@ run: install
 tiny-models: install
 	$(BIN)/python scripts/make_tiny_models.py
 
-test: install-test tiny-models
+browser:
+	scripts/install_browser.sh
+
+test: install-test tiny-models browser
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
 
 bench: install

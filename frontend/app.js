@@ -560,6 +560,8 @@
 
   function applyJob(job) {
     if (!state.job || state.job.id !== job.id) return;
+    // A late answer (e.g. the DELETE's "cancelling") must not undo a job's end.
+    if (TERMINAL.has(state.job.status) && !TERMINAL.has(job.status)) return;
     if (job.status === "running" && state.job.status === "running" && (job.step || 0) < (state.job.step || 0)) {
       // The bar never runs backwards while a job runs: keep the latest step seen.
       job = { ...job, step: state.job.step, total_steps: state.job.total_steps, progress: state.job.progress };

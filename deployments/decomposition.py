@@ -9,7 +9,6 @@ the Qwen pipeline must not batch several images in one call.
 from __future__ import annotations
 
 import asyncio
-import logging
 import threading
 from collections.abc import AsyncIterator
 from typing import Any, Literal
@@ -19,9 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from deployments.engine import DecompositionCancelled, LayerEngine, LayerParams
-
-logger = logging.getLogger("ray.serve")
-
+from deployments.loading import health_report, load_with_fallback
 
 class LayeredModelConfig(BaseModel):
     """One layer-decomposition model, as the config file's `args.layered.<name>`."""
@@ -67,32 +64,16 @@ def load_layer_engine(name: str, config: LayeredModelConfig) -> tuple[LayerEngin
     from deployments.classic import ClassicLayerEngine
 
     if config.engine == "classic":
-        engine: LayerEngine = ClassicLayerEngine()
-        engine.load()
-        return engine, None
+        return load_with_fallback(name, None, ClassicLayerEngine, None)
 
     from deployments.qwen_layered import QwenLayeredEngine
-    from deployments.weights import WeightsUnavailable
 
-    engine = QwenLayeredEngine(
-        weights=config.weights,
-        device=config.device,
-        dtype=config.dtype,
-        cpu_offload=config.cpu_offload,
-        attention_backend=config.attention_backend,
-        revision=config.revision,
-    )
-    try:
-        engine.load()
-        return engine, None
-    except (WeightsUnavailable, ImportError) as exc:
-        reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
-        if config.fallback is None:
-            raise RuntimeError(f"model {name!r} cannot be loaded: {reason}") from exc
-        logger.warning("model %r serves the classic engine instead of %s: %s", name, config.weights, reason)
-        fallback = ClassicLayerEngine()
-        fallback.load()
-        return fallback, reason
+    def build() -> LayerEngine:
+        return QwenLayeredEngine(weights=config.weights, device=config.device, dtype=config.dtype,
+                                 cpu_offload=config.cpu_offload, attention_backend=config.attention_backend,
+                                 revision=config.revision)
+
+    return load_with_fallback(name, config.weights, build, ClassicLayerEngine if config.fallback else None)
 
 
 @serve.deployment(
@@ -146,13 +127,4 @@ class LayerDecompositionDeployment:
 
     def health(self) -> dict[str, Any]:
         """What /v1/health reports for this replica."""
-        info = self._engine.info
-        return {
-            "replica": serve.get_replica_context().replica_id.unique_id,
-            "engine": info.engine,
-            "device": info.device,
-            "dtype": info.dtype,
-            "weights": self._config.weights if info.engine != "classic" else None,
-            "loaded": True,
-            "fallback_reason": self._fallback_reason,
-        }
+        return health_report(self._engine, self._config.weights, self._fallback_reason)

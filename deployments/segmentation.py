@@ -8,7 +8,6 @@ deployment's `user_config`, so they change at run time without a restart.
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -17,9 +16,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from ray import serve
 
 from deployments.engine import EngineInfo, SegmentationEngine
-
-logger = logging.getLogger("ray.serve")
-
+from deployments.loading import health_report, load_with_fallback
 
 class SegmentationModelConfig(BaseModel):
     """One background-removal model, as the config file's `args.segmentation.<name>`."""
@@ -78,31 +75,15 @@ def load_engine(name: str, config: SegmentationModelConfig) -> tuple[Segmentatio
     from deployments.classic import ClassicCutoutEngine
 
     if config.engine == "classic":
-        engine: SegmentationEngine = ClassicCutoutEngine()
-        engine.load()
-        return engine, None
+        return load_with_fallback(name, None, ClassicCutoutEngine, None)
 
     from deployments.birefnet import BiRefNetEngine
-    from deployments.weights import WeightsUnavailable
 
-    engine = BiRefNetEngine(
-        weights=config.weights,
-        device=config.device,
-        dtype=config.dtype,
-        input_size=config.input_size,
-        revision=config.revision,
-    )
-    try:
-        engine.load()
-        return engine, None
-    except (WeightsUnavailable, ImportError) as exc:
-        reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
-        if config.fallback is None:
-            raise RuntimeError(f"model {name!r} cannot be loaded: {reason}") from exc
-        logger.warning("model %r serves the classic engine instead of %s: %s", name, config.weights, reason)
-        fallback = ClassicCutoutEngine()
-        fallback.load()
-        return fallback, reason
+    def build() -> SegmentationEngine:
+        return BiRefNetEngine(weights=config.weights, device=config.device, dtype=config.dtype,
+                              input_size=config.input_size, revision=config.revision)
+
+    return load_with_fallback(name, config.weights, build, ClassicCutoutEngine if config.fallback else None)
 
 
 @serve.deployment(
@@ -139,25 +120,8 @@ class SegmentationDeployment:
 
     def health(self) -> dict[str, Any]:
         """What /v1/health reports for this replica."""
-        info = self._engine.info
         return {
-            "replica": serve.get_replica_context().replica_id.unique_id,
-            "engine": info.engine,
-            "device": info.device,
-            "dtype": info.dtype,
-            "weights": self._config.weights if info.engine != "classic" else None,
-            "loaded": True,
-            "fallback_reason": self._fallback_reason,
+            **health_report(self._engine, self._config.weights, self._fallback_reason),
             "max_batch_size": self._batching.max_batch_size,
             "batch_wait_timeout_s": self._batching.batch_wait_timeout_s,
-            "gpu_memory": _gpu_memory(info.device),
         }
-
-
-def _gpu_memory(device: str) -> dict[str, int] | None:
-    if not device.startswith("cuda"):
-        return None
-    import torch
-
-    free, total = torch.cuda.mem_get_info(torch.device(device))
-    return {"allocated_bytes": torch.cuda.memory_allocated(device), "free_bytes": free, "total_bytes": total}

@@ -25,7 +25,8 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _load_script(name: str):
+def load_script(name: str):
+    """A module of scripts/ (they are not a package), loaded from its file."""
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -42,7 +43,7 @@ def data_dir(tmp_path_factory) -> Path:
 def tiny_models_dir(tmp_path_factory) -> Path:
     """Tiny models written offline by scripts/make_tiny_models.py."""
     out = tmp_path_factory.mktemp("tiny-models")
-    _load_script("make_tiny_models").main(["--out", str(out)])
+    load_script("make_tiny_models").main(["--out", str(out)])
     return out
 
 

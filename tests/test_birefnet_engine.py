@@ -7,7 +7,6 @@ are foreground, logit = (R - (G + B) / 2 - 64) / 4 (see its module docstring).
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
@@ -19,21 +18,14 @@ import pytest
 from deployments.birefnet import BiRefNetEngine
 from deployments.engine import EngineInfo, SegmentationEngine
 from deployments.weights import WeightsUnavailable
+from tests.conftest import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SIZE = 64  # the tiny model runs at any size; the engine's default stays 1024
 RED, GREY, BLUE = (220, 30, 30), (128, 128, 128), (40, 60, 200)
 
 
-def _load_script():
-    path = REPO_ROOT / "scripts" / "make_tiny_models.py"
-    spec = importlib.util.spec_from_file_location("make_tiny_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-make_tiny_models = _load_script()
+make_tiny_models = load_script("make_tiny_models")
 
 
 @pytest.fixture(scope="module")

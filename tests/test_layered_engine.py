@@ -10,7 +10,6 @@ seconds on a CPU (VAE at the 640 bucket), so the engine is loaded once and runs 
 
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
@@ -24,18 +23,11 @@ from deployments import qwen_layered  # noqa: E402
 from deployments.engine import DecompositionCancelled, LayerParams  # noqa: E402
 from deployments.qwen_layered import QwenLayeredEngine  # noqa: E402
 from deployments.weights import WeightsUnavailable  # noqa: E402
+from tests.conftest import load_script  # noqa: E402
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 HEIGHT, WIDTH = 48, 64
 PARAMS = LayerParams(layers=2, resolution=640, steps=2, seed=7, prompt="a red square on grey")
-
-
-def _load_script():
-    path = REPO_ROOT / "scripts" / "make_tiny_models.py"
-    spec = importlib.util.spec_from_file_location("make_tiny_models", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +35,7 @@ def tiny_dir(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("HF_HUB_OFFLINE", "1")
         mp.setenv("HF_HOME", str(tmp_path_factory.mktemp("hf_home")))
-        return _load_script().make_tiny_qwen_image_layered(tmp_path_factory.mktemp("tiny"))
+        return load_script("make_tiny_models").make_tiny_qwen_image_layered(tmp_path_factory.mktemp("tiny"))
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,43 @@
+"""`POST /v1/remove-background`: an image in, its cutout or alpha mask out."""
+
+from typing import Annotated
+
+from fastapi import APIRouter, Depends, Query, Request, Response
+
+from serve_app.routes.openapi import IMAGE_BODY
+from serve_app.schemas import PROBLEM_RESPONSES, RemoveBackgroundParams
+from serve_app.service import StrataService, current_service
+from serve_app.uploads import read_upload
+
+router = APIRouter()
+
+
+@router.post(
+    "/v1/remove-background",
+    summary="Remove the background of an image",
+    response_class=Response,
+    responses={
+        200: {"description": "The cutout or mask", "content": {"image/png": {}, "image/webp": {}}},
+        **PROBLEM_RESPONSES,
+    },
+    openapi_extra=IMAGE_BODY,
+)
+async def remove_background(request: Request, params: Annotated[RemoveBackgroundParams, Query()],
+                            service: Annotated[StrataService, Depends(current_service)]) -> Response:
+    # The model name is checked before the upload is read: a bad name costs no transfer.
+    service.model_name(params.model)
+    data = await read_upload(request, "image", service.config.limits.max_upload_bytes)
+    cutout = await service.remove_background(data, params)
+    rendered = cutout.rendered
+    return Response(
+        rendered.data,
+        media_type=rendered.media_type,
+        headers={
+            "X-Model": cutout.model,
+            "X-Engine": cutout.engine,
+            "X-Batch-Size": str(cutout.batch_size),
+            "X-Processing-Ms": f"{cutout.processing_ms:.1f}",
+            "X-Width": str(rendered.width),
+            "X-Height": str(rendered.height),
+        },
+    )

@@ -1,0 +1,300 @@
+"""What the HTTP routes share: one `StrataService` per ingress replica.
+
+It holds the model handles and the job runner and does the work behind every
+route family (Strata's own `/v1`, and the compatible APIs of other projects):
+decode and limit an upload, call a model, render a cutout, accept and read
+layer jobs and their files. Routes parse HTTP and shape answers; they reach the
+service through the FastAPI dependency `current_service`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
+from ray.serve.handle import DeploymentHandle
+from starlette.concurrency import run_in_threadpool
+
+from deployments.decomposition import layer_deployment_name
+from deployments.engine import EngineInfo
+from serve_app import exports, imaging
+from serve_app.config import AppConfig
+from serve_app.jobs import Job, JobStatus, JobStore, QueueFull, new_job_id
+from serve_app.layer_jobs import KIND, LayerJobRunner, input_key, layer_key, manifest_key
+from serve_app.problems import ProblemError
+from serve_app.schemas import Health, LayersParams, ModelHealth, RemoveBackgroundParams
+from serve_app.storage import LocalStorage
+
+
+@dataclass(frozen=True)
+class Cutout:
+    """A rendered background removal and how it was made."""
+
+    rendered: imaging.RenderedImage
+    model: str
+    engine: str
+    batch_size: int
+    processing_ms: float
+
+
+async def _await(response):
+    return await response
+
+
+async def _model_health(handle: DeploymentHandle) -> ModelHealth:
+    try:
+        report = await asyncio.wait_for(_await(handle.health.remote()), 10)
+    except Exception as exc:  # a model that cannot answer is reported, not raised
+        return ModelHealth(loaded=False, last_error=f"{type(exc).__name__}: {exc}")
+    return ModelHealth(**report)
+
+
+def _replica_states() -> dict[str, dict[str, int]]:
+    """Replica counts by state for each deployment of this application."""
+    app_name = serve.get_replica_context().app_name
+    application = serve.status().applications.get(app_name)
+    if application is None:
+        return {}
+    return {name: {str(state): count for state, count in status.replica_states.items()}
+            for name, status in application.deployments.items()}
+
+
+class StrataService:
+    """The models, the job runner and the operations routes are made of."""
+
+    def __init__(self, config: AppConfig, segmenters: dict[str, DeploymentHandle],
+                 decomposers: dict[str, DeploymentHandle], jobs: LayerJobRunner):
+        self.config = config
+        self.segmenters = segmenters
+        self.decomposers = decomposers
+        self.jobs = jobs
+        self._limits = imaging.ImageLimits(max_pixels=config.limits.max_pixels, min_side=config.limits.min_side)
+        self._engine_infos: dict[str, EngineInfo] = {}
+
+    @classmethod
+    async def create(cls, config: AppConfig, segmenters: dict[str, DeploymentHandle],
+                     decomposers: dict[str, DeploymentHandle]) -> "StrataService":
+        """Open the job store and storage, and start dispatching layer jobs."""
+        jobs = config.jobs
+        store = await run_in_threadpool(JobStore, jobs.url)
+        storage = LocalStorage(Path(jobs.data_dir).resolve())
+        runner = LayerJobRunner(store, storage, decomposers, max_running=jobs.max_running,
+                                lease_s=jobs.lease_s, max_attempts=jobs.max_attempts,
+                                retention_s=jobs.retention_h * 3600)
+        if decomposers:
+            runner.start()
+        return cls(config, segmenters, decomposers, runner)
+
+    # -- images ----------------------------------------------------------------
+
+    def decode(self, data: bytes) -> imaging.DecodedImage:
+        """The upload as an RGB(A) image within the configured limits, or a 4xx."""
+        try:
+            return imaging.decode_image(data, self._limits)
+        except imaging.ImageRejected as exc:
+            raise ProblemError(exc.status, exc.title, exc.detail, slug=exc.code) from exc
+
+    async def remove_background(self, data: bytes, params: RemoveBackgroundParams) -> Cutout:
+        """Decode `data`, segment it with the requested model and render the answer."""
+        started = time.perf_counter()
+        model = self.model_name(params.model)
+        bg_color = imaging.parse_hex_color(params.bg_color) if params.bg_color else None
+        image = await run_in_threadpool(self.decode, data)
+        full_mask, engine, batch_size = await self.alpha_mask(model, image)
+        rendered = await run_in_threadpool(
+            imaging.render_cutout, image, full_mask, output=params.output, format=params.format,
+            bg_color=bg_color, crop=params.crop, refine_foreground=params.refine_foreground,
+        )
+        return Cutout(rendered, model, engine, batch_size, (time.perf_counter() - started) * 1000)
+
+    async def alpha_mask(self, model: str, image: imaging.DecodedImage) -> tuple[np.ndarray, str, int]:
+        """The image-sized alpha mask of `model`, the engine that made it and its batch size."""
+        handle = self.segmenters[model]
+        info = self._engine_infos.get(model)
+        if info is None:
+            info = self._engine_infos[model] = await self._model_call(model, handle.info.remote())
+        size = imaging.model_input_size(image.width, image.height, info.input_size, info.max_side)
+        model_input = await run_in_threadpool(imaging.resize_image, image.rgb, size)
+        result = await self._model_call(model, handle.segment.remote(model_input))
+        full_mask = await run_in_threadpool(imaging.resize_mask, result.mask, (image.width, image.height))
+        return full_mask, result.engine, result.batch_size
+
+    def model_name(self, requested: str | None) -> str:
+        """The served segmentation model `requested` names (the default when None), or a 422."""
+        name = requested or self.config.default_model
+        if name not in self.segmenters:
+            raise ProblemError(422, "Unknown model",
+                               f"model {name!r} is not served here; choose one of: {', '.join(self.segmenters)}",
+                               slug="unknown-model")
+        return name
+
+    async def _model_call(self, model: str, response) -> Any:
+        """Await a model call, turning overload and outages into 503s."""
+        retry = {"Retry-After": str(self.config.retry_after_s)}
+        try:
+            return await asyncio.wait_for(_await(response), self.config.model_timeout_s)
+        except BackPressureError as exc:
+            raise ProblemError(503, "Busy", f"model {model!r} has a full queue; retry shortly",
+                               slug="busy", headers=retry) from exc
+        except TimeoutError as exc:
+            response.cancel()
+            raise ProblemError(503, "Model timeout",
+                               f"model {model!r} did not answer within {self.config.model_timeout_s:g} s",
+                               slug="model-timeout", headers=retry) from exc
+        except (DeploymentUnavailableError, RayServeException) as exc:
+            raise ProblemError(503, "Model unavailable", f"model {model!r} is unavailable: {exc}",
+                               slug="model-unavailable", headers=retry) from exc
+
+    # -- health ----------------------------------------------------------------
+
+    async def health(self) -> Health:
+        """Every model's engine, device and replicas, as its replicas report them."""
+        replicas = await run_in_threadpool(_replica_states)
+        seg_names, layer_names = list(self.segmenters), list(self.decomposers)
+        answers = await asyncio.gather(*(_model_health(h) for h in self.segmenters.values()),
+                                       *(_model_health(h) for h in self.decomposers.values()))
+        models = dict(zip(seg_names, answers[:len(seg_names)]))
+        layer_models = dict(zip(layer_names, answers[len(seg_names):]))
+        for name, model_health in models.items():
+            model_health.replicas = replicas.get(name, {})
+        for name, model_health in layer_models.items():
+            model_health.replicas = replicas.get(layer_deployment_name(name), {})
+        everything = [*models.values(), *layer_models.values()]
+        status = "ok" if all(m.loaded for m in everything) else "degraded"
+        return Health(status=status, default_model=self.config.default_model, models=models,
+                      default_layer_model=self.config.default_layer_model, layer_models=layer_models)
+
+    # -- layer jobs --------------------------------------------------------------
+
+    async def submit_layer_job(self, data: bytes, params: LayersParams) -> Job:
+        """Accept a decomposition of `data` as a queued job, or answer 503 when the queue is full."""
+        model = self.layer_model_name(params.model)
+        image = await run_in_threadpool(self.decode, data)
+        job_params = {**params.model_dump(), "model": model, "width": image.width, "height": image.height}
+        job_id = new_job_id()
+        storage, store = self.jobs.storage, self.jobs.store
+        # The input first, then the row: a dispatcher never sees a job without its input.
+        input_png = await run_in_threadpool(lambda: imaging.encode_png(imaging.to_rgba(image)))
+        await run_in_threadpool(storage.put, input_key(job_id), input_png)
+        try:
+            job = await run_in_threadpool(lambda: store.create(
+                KIND, job_params, max_queued=self.config.jobs.max_queued, job_id=job_id))
+        except QueueFull as exc:
+            await run_in_threadpool(storage.delete_prefix, f"jobs/{job_id}")
+            raise ProblemError(503, "Busy", f"{exc.queued} layer jobs are queued (the limit is {exc.limit}); "
+                               "retry shortly", slug="queue-full",
+                               headers={"Retry-After": str(self.config.retry_after_s)}) from exc
+        self.jobs.wake()
+        return job
+
+    def layer_model_name(self, requested: str | None) -> str:
+        """The served layer model `requested` names (the default when None), or a 4xx."""
+        name = requested or self.config.default_layer_model
+        if not self.decomposers:
+            raise ProblemError(404, "Not available", "this deployment serves no layer-decomposition model",
+                               slug="no-layer-model")
+        if name not in self.decomposers:
+            raise ProblemError(422, "Unknown model",
+                               f"model {name!r} is not a layer model here; choose one of: "
+                               f"{', '.join(self.decomposers)}", slug="unknown-model")
+        return name
+
+    async def job(self, job_id: str) -> Job:
+        """The job, or a 404."""
+        job = await run_in_threadpool(self.jobs.store.get, job_id)
+        if job is None:
+            raise ProblemError(404, "Not found", f"there is no job {job_id}", slug="not-found")
+        return job
+
+    async def finished_job(self, job_id: str) -> Job:
+        """The job when it has succeeded (its results exist), or a 404."""
+        job = await self.job(job_id)
+        if job.status != JobStatus.SUCCEEDED:
+            raise ProblemError(404, "Not found", f"job {job_id} is {job.status.value}; results exist once it "
+                               "has succeeded", slug="no-result")
+        return job
+
+    async def wait_for_end(self, job: Job, wait_s: float) -> Job:
+        """The job once it ended, or as it is after `wait_s` seconds."""
+        async def ended() -> None:
+            async for _ in self.jobs.watch(job.id):
+                pass
+
+        try:
+            await asyncio.wait_for(ended(), wait_s)
+        except TimeoutError:
+            pass
+        return await self.job(job.id)
+
+    async def list_jobs(self, *, status: str | None, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
+        """A page of jobs, newest first, and the cursor of the next page."""
+        try:
+            return await run_in_threadpool(lambda: self.jobs.store.list(status=status, limit=limit, cursor=cursor))
+        except ValueError as exc:
+            raise ProblemError(422, "Invalid parameters", f"cursor: {exc}", slug="invalid-parameters") from exc
+
+    async def cancel_or_delete(self, job_id: str) -> Job | None:
+        """Ask a queued/running job to stop (the job), or delete a finished one with its files (None)."""
+        job = await self.job(job_id)
+        if job.terminal:
+            await run_in_threadpool(self.jobs.delete_files_and_row, job_id)
+            return None
+        job = await run_in_threadpool(self.jobs.store.request_cancel, job_id)
+        self.jobs.cancel_local(job_id)
+        self.jobs.wake()
+        return job
+
+    # -- job results ---------------------------------------------------------------
+
+    async def layer_png(self, job_id: str, index: int) -> bytes:
+        """Layer `index` (1 = bottom) of a finished job as PNG bytes, or a 404."""
+        job = await self.finished_job(job_id)
+        if index > len(job.result["layers"]):
+            raise ProblemError(404, "Not found", f"job {job_id} has {len(job.result['layers'])} layers",
+                               slug="not-found")
+        return await run_in_threadpool(self.jobs.storage.get, layer_key(job_id, index))
+
+    async def manifest(self, job_id: str) -> bytes:
+        """The manifest of a finished job (JSON bytes)."""
+        await self.finished_job(job_id)
+        return await run_in_threadpool(self.jobs.storage.get, manifest_key(job_id))
+
+    async def layers_zip(self, job_id: str) -> bytes:
+        """All layers of a finished job and its manifest as one ZIP."""
+        job = await self.finished_job(job_id)
+        return await run_in_threadpool(self._zip, job)
+
+    async def layers_psd(self, job_id: str) -> bytes:
+        """All layers of a finished job as one PSD, built on first download and kept."""
+        job = await self.finished_job(job_id)
+        return await run_in_threadpool(self._stored_export, job, "result.psd", exports.layers_psd)
+
+    def _zip(self, job: Job) -> bytes:
+        storage = self.jobs.storage
+        count = len(job.result["layers"])
+        pngs = [storage.get(layer_key(job.id, index)) for index in range(1, count + 1)]
+        manifest = json.loads(storage.get(manifest_key(job.id)))
+        return exports.layers_zip(pngs, manifest=manifest)
+
+    def _stored_export(self, job: Job, filename: str, build) -> bytes:
+        storage = self.jobs.storage
+        key = f"jobs/{job.id}/{filename}"
+        if storage.exists(key):
+            return storage.get(key)
+        layers = [imaging.decode_rgba_png(storage.get(layer_key(job.id, entry["index"])))
+                  for entry in job.result["layers"]]
+        data = build(layers, [entry["name"] for entry in job.result["layers"]])
+        storage.put(key, data)
+        return data
+
+
+def current_service() -> StrataService:
+    """The `StrataService` of this ingress replica (a FastAPI dependency)."""
+    return serve.get_replica_context().servable_object.service

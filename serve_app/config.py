@@ -7,9 +7,11 @@ serving settings (replicas, batching, queue bounds) in the config file's
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.decomposition import LayeredModelConfig
 from deployments.segmentation import SegmentationModelConfig
@@ -29,6 +31,28 @@ class UploadLimits(BaseModel):
         return int(self.max_upload_mb * 1024 * 1024)
 
 
+_ENV_REFERENCE = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+def expand_env(value: str) -> str:
+    """``value`` with each ``${VAR}`` replaced by that environment variable.
+
+    ValueError naming the variable when it is unset or empty: a URL with a hole in
+    it is never what was meant, and failing at start says so where a connection
+    error later would not. Only the braced form is expanded (a ``$`` elsewhere,
+    as in a password, is left alone).
+    """
+
+    def lookup(match: re.Match[str]) -> str:
+        name = match.group(1)
+        found = os.environ.get(name)
+        if not found:
+            raise ValueError(f"environment variable {name} is {'empty' if found == '' else 'not set'}")
+        return found
+
+    return _ENV_REFERENCE.sub(lookup, value)
+
+
 class JobsConfig(BaseModel):
     """Durable layer jobs: where they live, how many wait, how long they stay."""
 
@@ -36,7 +60,12 @@ class JobsConfig(BaseModel):
 
     data_dir: str = Field("data", description="Inputs and results (and the SQLite job store); relative to the working directory.")
     store_url: str | None = Field(
-        None, description="SQLAlchemy URL of the job store; unset: sqlite:///<data_dir>/jobs.db. PostgreSQL: postgresql+psycopg://...",
+        None, description="SQLAlchemy URL of the job store; unset: sqlite:///<data_dir>/jobs.db. PostgreSQL: postgresql+psycopg://... "
+                          "`${VAR}` is read from the environment.",
+    )
+    results_url: str | None = Field(
+        None, description="Where job inputs and results live: an fsspec URL (s3://bucket/prefix, gs://bucket/prefix, "
+                          "file:///mnt/shared/strata) or a local path; unset: <data_dir>. `${VAR}` is read from the environment.",
     )
     max_queued: int = Field(20, ge=1, description="Queued jobs accepted at most; past this POST answers 503 with Retry-After.")
     max_running: int = Field(2, ge=1, description="Jobs one ingress replica dispatches to the models at once.")
@@ -44,6 +73,13 @@ class JobsConfig(BaseModel):
     max_attempts: int = Field(3, ge=1, description="Dispatches of one job before it fails (a job that kills its worker).")
     retention_h: float = Field(168, gt=0, description="Hours a finished job and its files are kept.")
     max_wait_s: float = Field(60, ge=0, description="Longest `Prefer: wait=N` honoured.")
+
+    @field_validator("store_url", "results_url")
+    @classmethod
+    def _expand_env(cls, value: str | None) -> str | None:
+        # Secrets (a database password) stay out of the config file and out of
+        # the config Ray Serve stores and shows: the file says ${VAR}.
+        return None if value is None else expand_env(value)
 
     @property
     def url(self) -> str:

@@ -25,7 +25,7 @@ from starlette.concurrency import run_in_threadpool
 
 from serve_app import exports, imaging
 from serve_app.jobs import Job, JobStatus, JobStore, Renewal
-from serve_app.storage import LocalStorage
+from serve_app.storage import Storage
 
 logger = logging.getLogger("ray.serve")
 KIND = "layers"
@@ -46,7 +46,7 @@ def manifest_key(job_id: str) -> str:
 class LayerJobRunner:
     """Dispatches this replica's share of layer jobs and tells listeners about them."""
 
-    def __init__(self, store: JobStore, storage: LocalStorage, models: dict[str, DeploymentHandle], *,
+    def __init__(self, store: JobStore, storage: Storage, models: dict[str, DeploymentHandle], *,
                  max_running: int, lease_s: float, max_attempts: int, retention_s: float,
                  poll_s: float = 1.0):
         self.store = store

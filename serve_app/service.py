@@ -13,7 +13,6 @@ import asyncio
 import json
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -30,7 +29,7 @@ from serve_app.jobs import Job, JobStatus, JobStore, QueueFull, new_job_id
 from serve_app.layer_jobs import KIND, LayerJobRunner, input_key, layer_key, manifest_key
 from serve_app.problems import ProblemError
 from serve_app.schemas import Health, LayersParams, ModelHealth, RemoveBackgroundParams
-from serve_app.storage import LocalStorage
+from serve_app.storage import open_storage
 
 
 @dataclass(frozen=True)
@@ -84,7 +83,7 @@ class StrataService:
         """Open the job store and storage, and start dispatching layer jobs."""
         jobs = config.jobs
         store = await run_in_threadpool(JobStore, jobs.url)
-        storage = LocalStorage(Path(jobs.data_dir).resolve())
+        storage = open_storage(jobs)
         runner = LayerJobRunner(store, storage, decomposers, max_running=jobs.max_running,
                                 lease_s=jobs.lease_s, max_attempts=jobs.max_attempts,
                                 retention_s=jobs.retention_h * 3600)

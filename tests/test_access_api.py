@@ -186,6 +186,11 @@ def test_answer_to_an_allowed_origin_carries_cors_headers(alice):
     assert "retry-after" in response.headers["access-control-expose-headers"].lower()
 
 
+def test_401_to_an_allowed_origin_carries_cors_headers(anonymous):
+    response = anonymous.get("/v1/jobs", headers={"Origin": ORIGIN})
+    assert response.status_code == 401 and response.headers["access-control-allow-origin"] == ORIGIN
+
+
 def test_other_origins_get_no_cors_headers(alice):
     response = alice.get("/v1/jobs", headers={"Origin": "https://evil.example"})
     assert response.status_code == 200 and "access-control-allow-origin" not in response.headers

@@ -86,6 +86,71 @@ class JobsConfig(BaseModel):
         return self.store_url or f"sqlite:///{Path(self.data_dir).resolve() / 'jobs.db'}"
 
 
+class UrlInputsConfig(BaseModel):
+    """Images fetched from a URL the client names (`image_url`): the limits of that fetch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Accept `image_url`; false: such requests answer 422.")
+    max_bytes: int | None = Field(
+        None, gt=0, description="Largest body fetched, enforced while reading (413); unset: the upload limit.",
+    )
+    timeout_s: float = Field(10, gt=0, description="Deadline of the whole fetch, redirects included (408).")
+    max_redirects: int = Field(3, ge=0, le=20, description="Redirects followed at most, each hop vetted again.")
+    allow_private_networks: bool = Field(
+        False, description="Fetch from private, loopback and link-local addresses too. Tests and development only: "
+                           "it lets any client make the service request its own network.",
+    )
+
+
+class AuthConfig(BaseModel):
+    """API keys and rate limits (serve_app/access.py). No keys anywhere: the API is open."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_keys_file: str | None = Field(
+        None, description="A file of API keys, one per line, optionally `name:key`; `#` starts a comment. "
+                          "Keys in the STRATA_API_KEYS environment variable (comma-separated) count too.",
+    )
+    rate_limit: str | None = Field(
+        None, description="Requests allowed per key (per client address when no keys are set), e.g. `60/minute`, "
+                          "`1000/hour`, `10/second;100/minute`; counted per ingress replica. Unset: no limit.",
+    )
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            from limits import parse_many
+
+            try:
+                parse_many(value)
+            except ValueError as exc:
+                raise ValueError(f"rate_limit {value!r} is not a rate such as '60/minute': {exc}") from None
+        return value
+
+
+class CorsConfig(BaseModel):
+    """Which web pages on other origins may call the API from a browser (CORS). Default: none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed, e.g. `https://app.example.com`; `*` allows any. Empty: CORS off.",
+    )
+    allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST", "DELETE"])
+    allow_headers: list[str] = Field(
+        default_factory=lambda: ["Authorization", "X-Api-Key", "Content-Type", "Prefer", "X-Request-ID"],
+    )
+    expose_headers: list[str] = Field(
+        default_factory=lambda: ["Location", "Retry-After", "X-Request-ID", "X-Model", "X-Engine", "X-Batch-Size",
+                                 "X-Processing-Ms", "X-Width", "X-Height", "Preference-Applied", "Content-Disposition"],
+        description="Response headers a page's script may read.",
+    )
+    allow_credentials: bool = Field(False, description="Let browsers send cookies (Strata uses none; keys go in headers).")
+    max_age_s: int = Field(600, ge=0, description="How long browsers may cache a preflight answer.")
+
+
 class AppConfig(BaseModel):
     """Everything `serve_app.app:build_app` reads from the config file's `args`."""
 
@@ -102,11 +167,19 @@ class AppConfig(BaseModel):
     default_layer_model: str | None = Field(None, description="The layer model used when a job names none.")
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     limits: UploadLimits = Field(default_factory=UploadLimits)
+    url_inputs: UrlInputsConfig = Field(default_factory=UrlInputsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    cors: CorsConfig = Field(default_factory=CorsConfig)
     ingress_num_cpus: float = Field(
         0.5, ge=0, description="CPU share per ingress replica Ray reserves for scheduling."
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 when a queue is full.")
     model_timeout_s: float = Field(120, gt=0, description="Longest wait for one model call before answering 503.")
+
+    @property
+    def url_max_bytes(self) -> int:
+        """The largest image fetched from a URL."""
+        return self.url_inputs.max_bytes or self.limits.max_upload_bytes
 
     @model_validator(mode="after")
     def _default_model_is_served(self) -> "AppConfig":

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass
 from typing import Any
@@ -24,12 +25,14 @@ from starlette.concurrency import run_in_threadpool
 from deployments.decomposition import layer_deployment_name
 from deployments.engine import EngineInfo
 from serve_app import exports, imaging
+from serve_app.access import AccessControl
 from serve_app.config import AppConfig
 from serve_app.jobs import Job, JobStatus, JobStore, QueueFull, new_job_id
 from serve_app.layer_jobs import KIND, LayerJobRunner, input_key, layer_key, manifest_key
 from serve_app.problems import ProblemError
 from serve_app.schemas import Health, LayersParams, ModelHealth, RemoveBackgroundParams
 from serve_app.storage import open_storage
+from serve_app.url_inputs import UrlFetcher
 
 
 @dataclass(frozen=True)
@@ -69,18 +72,24 @@ class StrataService:
     """The models, the job runner and the operations routes are made of."""
 
     def __init__(self, config: AppConfig, segmenters: dict[str, DeploymentHandle],
-                 decomposers: dict[str, DeploymentHandle], jobs: LayerJobRunner):
+                 decomposers: dict[str, DeploymentHandle], jobs: LayerJobRunner, access: AccessControl):
         self.config = config
+        self.access = access
         self.segmenters = segmenters
         self.decomposers = decomposers
         self.jobs = jobs
         self._limits = imaging.ImageLimits(max_pixels=config.limits.max_pixels, min_side=config.limits.min_side)
         self._engine_infos: dict[str, EngineInfo] = {}
+        urls = config.url_inputs
+        self._url_fetcher = UrlFetcher(max_bytes=config.url_max_bytes, timeout_s=urls.timeout_s,
+                                       max_redirects=urls.max_redirects,
+                                       allow_private_networks=urls.allow_private_networks)
 
     @classmethod
     async def create(cls, config: AppConfig, segmenters: dict[str, DeploymentHandle],
                      decomposers: dict[str, DeploymentHandle]) -> "StrataService":
-        """Open the job store and storage, and start dispatching layer jobs."""
+        """Read the API keys, open the job store and storage, and start dispatching layer jobs."""
+        access = await run_in_threadpool(AccessControl.from_config, config.auth, os.environ)
         jobs = config.jobs
         store = await run_in_threadpool(JobStore, jobs.url)
         storage = open_storage(jobs)
@@ -89,7 +98,7 @@ class StrataService:
                                 retention_s=jobs.retention_h * 3600)
         if decomposers:
             runner.start()
-        return cls(config, segmenters, decomposers, runner)
+        return cls(config, segmenters, decomposers, runner, access)
 
     # -- images ----------------------------------------------------------------
 
@@ -99,6 +108,14 @@ class StrataService:
             return imaging.decode_image(data, self._limits)
         except imaging.ImageRejected as exc:
             raise ProblemError(exc.status, exc.title, exc.detail, slug=exc.code) from exc
+
+    async def fetch_image_url(self, url: str) -> bytes:
+        """The bytes at `url`, fetched within the `url_inputs` limits from public addresses
+        only (see serve_app/url_inputs.py), or a 4xx."""
+        if not self.config.url_inputs.enabled:
+            raise ProblemError(422, "URL inputs disabled", "this deployment does not fetch image URLs; "
+                               "upload the image instead", slug="url-inputs-disabled")
+        return await self._url_fetcher.fetch(url)
 
     async def remove_background(self, data: bytes, params: RemoveBackgroundParams) -> Cutout:
         """Decode `data`, segment it with the requested model and render the answer."""
@@ -172,11 +189,15 @@ class StrataService:
 
     # -- layer jobs --------------------------------------------------------------
 
-    async def submit_layer_job(self, data: bytes, params: LayersParams) -> Job:
-        """Accept a decomposition of `data` as a queued job, or answer 503 when the queue is full."""
+    # Every job operation takes the caller's `owner` (serve_app.access.request_owner):
+    # a key sees only the jobs it created, and another key's job is "not found"
+    # (not "forbidden"), so ids are not confirmed. None (no keys configured): all jobs.
+
+    async def submit_layer_job(self, data: bytes, params: LayersParams, *, owner: str | None) -> Job:
+        """Accept a decomposition of `data` as a queued job of `owner`, or answer 503 when the queue is full."""
         model = self.layer_model_name(params.model)
         image = await run_in_threadpool(self.decode, data)
-        job_params = {**params.model_dump(), "model": model, "width": image.width, "height": image.height}
+        job_params = {**params.model_dump(exclude={"image_url"}), "model": model, "width": image.width, "height": image.height}
         job_id = new_job_id()
         storage, store = self.jobs.storage, self.jobs.store
         # The input first, then the row: a dispatcher never sees a job without its input.
@@ -184,7 +205,7 @@ class StrataService:
         await run_in_threadpool(storage.put, input_key(job_id), input_png)
         try:
             job = await run_in_threadpool(lambda: store.create(
-                KIND, job_params, max_queued=self.config.jobs.max_queued, job_id=job_id))
+                KIND, job_params, max_queued=self.config.jobs.max_queued, owner=owner, job_id=job_id))
         except QueueFull as exc:
             await run_in_threadpool(storage.delete_prefix, f"jobs/{job_id}")
             raise ProblemError(503, "Busy", f"{exc.queued} layer jobs are queued (the limit is {exc.limit}); "
@@ -205,16 +226,16 @@ class StrataService:
                                f"{', '.join(self.decomposers)}", slug="unknown-model")
         return name
 
-    async def job(self, job_id: str) -> Job:
-        """The job, or a 404."""
+    async def job(self, job_id: str, *, owner: str | None) -> Job:
+        """The job when `owner` may see it, or a 404."""
         job = await run_in_threadpool(self.jobs.store.get, job_id)
-        if job is None:
+        if job is None or (owner is not None and job.owner != owner):
             raise ProblemError(404, "Not found", f"there is no job {job_id}", slug="not-found")
         return job
 
-    async def finished_job(self, job_id: str) -> Job:
-        """The job when it has succeeded (its results exist), or a 404."""
-        job = await self.job(job_id)
+    async def finished_job(self, job_id: str, *, owner: str | None) -> Job:
+        """The job when it has succeeded (its results exist) and `owner` may see it, or a 404."""
+        job = await self.job(job_id, owner=owner)
         if job.status != JobStatus.SUCCEEDED:
             raise ProblemError(404, "Not found", f"job {job_id} is {job.status.value}; results exist once it "
                                "has succeeded", slug="no-result")
@@ -230,18 +251,20 @@ class StrataService:
             await asyncio.wait_for(ended(), wait_s)
         except TimeoutError:
             pass
-        return await self.job(job.id)
+        return await self.job(job.id, owner=job.owner)
 
-    async def list_jobs(self, *, status: str | None, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
-        """A page of jobs, newest first, and the cursor of the next page."""
+    async def list_jobs(self, *, status: str | None, limit: int, cursor: str | None,
+                        owner: str | None) -> tuple[list[Job], str | None]:
+        """A page of `owner`'s jobs, newest first, and the cursor of the next page."""
         try:
-            return await run_in_threadpool(lambda: self.jobs.store.list(status=status, limit=limit, cursor=cursor))
+            return await run_in_threadpool(
+                lambda: self.jobs.store.list(status=status, limit=limit, cursor=cursor, owner=owner))
         except ValueError as exc:
             raise ProblemError(422, "Invalid parameters", f"cursor: {exc}", slug="invalid-parameters") from exc
 
-    async def cancel_or_delete(self, job_id: str) -> Job | None:
+    async def cancel_or_delete(self, job_id: str, *, owner: str | None) -> Job | None:
         """Ask a queued/running job to stop (the job), or delete a finished one with its files (None)."""
-        job = await self.job(job_id)
+        job = await self.job(job_id, owner=owner)
         if job.terminal:
             await run_in_threadpool(self.jobs.delete_files_and_row, job_id)
             return None
@@ -252,27 +275,27 @@ class StrataService:
 
     # -- job results ---------------------------------------------------------------
 
-    async def layer_png(self, job_id: str, index: int) -> bytes:
+    async def layer_png(self, job_id: str, index: int, *, owner: str | None) -> bytes:
         """Layer `index` (1 = bottom) of a finished job as PNG bytes, or a 404."""
-        job = await self.finished_job(job_id)
+        job = await self.finished_job(job_id, owner=owner)
         if index > len(job.result["layers"]):
             raise ProblemError(404, "Not found", f"job {job_id} has {len(job.result['layers'])} layers",
                                slug="not-found")
         return await run_in_threadpool(self.jobs.storage.get, layer_key(job_id, index))
 
-    async def manifest(self, job_id: str) -> bytes:
+    async def manifest(self, job_id: str, *, owner: str | None) -> bytes:
         """The manifest of a finished job (JSON bytes)."""
-        await self.finished_job(job_id)
+        await self.finished_job(job_id, owner=owner)
         return await run_in_threadpool(self.jobs.storage.get, manifest_key(job_id))
 
-    async def layers_zip(self, job_id: str) -> bytes:
+    async def layers_zip(self, job_id: str, *, owner: str | None) -> bytes:
         """All layers of a finished job and its manifest as one ZIP."""
-        job = await self.finished_job(job_id)
+        job = await self.finished_job(job_id, owner=owner)
         return await run_in_threadpool(self._zip, job)
 
-    async def layers_psd(self, job_id: str) -> bytes:
+    async def layers_psd(self, job_id: str, *, owner: str | None) -> bytes:
         """All layers of a finished job as one PSD, built on first download and kept."""
-        job = await self.finished_job(job_id)
+        job = await self.finished_job(job_id, owner=owner)
         return await run_in_threadpool(self._stored_export, job, "result.psd", exports.layers_psd)
 
     def _zip(self, job: Job) -> bytes:

@@ -59,6 +59,7 @@ async def web_ui() -> FileResponse:
 
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
+PPTX_MEDIA_TYPE = "application/vnd.openxmlformats-officedocument.presentationml.presentation"
 _IMAGE_BODY = {
     "requestBody": {
         "required": True,
@@ -297,6 +298,15 @@ class Ingress:
         return Response(data, media_type="image/vnd.adobe.photoshop",
                         headers={"Content-Disposition": f'attachment; filename="{job_id}.psd"'})
 
+    @app.get("/v1/jobs/{job_id}/result.pptx", summary="All layers as one PowerPoint slide (full-canvas pictures, bottom first)",
+             response_class=Response,
+             responses={200: {"content": {PPTX_MEDIA_TYPE: {}}}, **PROBLEM_RESPONSES})
+    async def get_pptx(self, job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN)]) -> Response:
+        job = await self._finished_job(job_id)
+        data = await run_in_threadpool(self._pptx, job)
+        return Response(data, media_type=PPTX_MEDIA_TYPE,
+                        headers={"Content-Disposition": f'attachment; filename="{job_id}.pptx"'})
+
     @app.get("/v1/jobs/{job_id}/manifest.json", summary="Layer order, names, sizes, boxes, params, timings",
              responses=PROBLEM_RESPONSES)
     async def get_manifest(self, job_id: Annotated[str, Path(pattern=JOB_ID_PATTERN)]) -> Response:
@@ -342,6 +352,17 @@ class Ingress:
         layers = [imaging.decode_rgba_png(storage.get(layer_key(job.id, entry["index"])))
                   for entry in job.result["layers"]]
         data = exports.layers_psd(layers, [entry["name"] for entry in job.result["layers"]])
+        storage.put(key, data)
+        return data
+
+    def _pptx(self, job: Job) -> bytes:
+        storage = self._jobs.storage
+        key = f"jobs/{job.id}/result.pptx"
+        if storage.exists(key):  # built once, on first download
+            return storage.get(key)
+        entries = job.result["layers"]
+        data = exports.layers_pptx([storage.get(layer_key(job.id, entry["index"])) for entry in entries],
+                                   [entry["name"] for entry in entries], job.result["width"], job.result["height"])
         storage.put(key, data)
         return data
 

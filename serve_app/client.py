@@ -31,7 +31,7 @@ from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any, Generic, Literal, TypeVar, Union
+from typing import Any, Generic, Literal, TypeVar
 
 import anyio
 import httpx
@@ -61,8 +61,8 @@ TERMINAL_STATUSES = frozenset({"succeeded", "failed", "cancelled"})
 # running and no event received, before waiting gives up.
 _MAX_STREAM_RESTARTS = 5
 
-ImageInput = Union[str, os.PathLike, bytes]
-DownloadKind = Union[Literal["zip", "psd", "pptx", "manifest"], int]
+ImageInput = str | os.PathLike | bytes
+DownloadKind = Literal["zip", "psd", "pptx", "manifest"] | int
 ProgressCallback = Callable[["Progress"], Any]
 T = TypeVar("T")
 
@@ -371,7 +371,7 @@ class StrataClient:
     def __enter__(self) -> StrataClient:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, *exc_info: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -500,7 +500,7 @@ class AsyncStrataClient:
     async def __aenter__(self) -> AsyncStrataClient:
         return self
 
-    async def __aexit__(self, *exc_info: Any) -> None:
+    async def __aexit__(self, *exc_info: object) -> None:
         await self.aclose()
 
     async def aclose(self) -> None:

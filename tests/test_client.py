@@ -85,7 +85,7 @@ def test_a_cutout_carries_the_response_headers_as_fields(strata_client):
 
 
 def test_remove_background_reads_a_path_and_sends_the_options(strata_client, tmp_path):
-    data, disc = red_disc_png(320, 240)
+    data, _ = red_disc_png(320, 240)
     source = tmp_path / "disc.png"
     source.write_bytes(data)
     mask = strata_client.remove_background(source, model="tiny", output="mask")
@@ -135,9 +135,9 @@ def test_a_missing_job_raises_strata_error_404(strata_client):
 
 
 def test_an_unreachable_server_raises_strata_error_without_a_status():
-    with StrataClient(f"http://127.0.0.1:{_unused_port()}", timeout=5) as unreachable:
-        with pytest.raises(StrataError) as caught:
-            unreachable.health()
+    with StrataClient(f"http://127.0.0.1:{_unused_port()}", timeout=5) as unreachable, \
+            pytest.raises(StrataError) as caught:
+        unreachable.health()
     assert caught.value.status is None and caught.value.title == "Connection failed"
 
 
@@ -362,16 +362,15 @@ def test_busy_past_the_retries_raises_with_retry_after():
 
     seen: list[httpx.Request] = []
     transport = _recording_transport(seen, [busy() for _ in range(3)])
-    with StrataClient("http://strata.test", retries=2, transport=transport) as client:
-        with pytest.raises(StrataError) as caught:
-            client.jobs()
+    with StrataClient("http://strata.test", retries=2, transport=transport) as client, \
+            pytest.raises(StrataError) as caught:
+        client.jobs()
     assert len(seen) == 3
     assert caught.value.status == 503 and caught.value.retry_after == 0 and caught.value.detail == "the queue is full"
 
 
 def test_an_error_page_that_is_not_problem_json_still_raises_strata_error():
     transport = _recording_transport([], [httpx.Response(502, text="<html>Bad gateway</html>")])
-    with StrataClient("http://strata.test", transport=transport) as client:
-        with pytest.raises(StrataError) as caught:
-            client.health()
+    with StrataClient("http://strata.test", transport=transport) as client, pytest.raises(StrataError) as caught:
+        client.health()
     assert caught.value.status == 502 and "Bad gateway" in caught.value.detail

@@ -45,7 +45,7 @@ def _read(data: bytes):
 
 def test_the_deck_has_one_slide_with_one_picture_per_layer():
     layers, names = _layers()
-    deck, slides = _read(layers_pptx([_png(layer) for layer in layers], names, W, H))
+    _, slides = _read(layers_pptx([_png(layer) for layer in layers], names, W, H))
     assert len(slides) == 1
     shapes = list(slides[0].shapes)
     assert len(shapes) == len(layers)

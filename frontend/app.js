@@ -58,6 +58,7 @@
     layerList: $("layer-list"),
     zip: $("download-zip"),
     psd: $("download-psd"),
+    pptx: $("download-pptx"),
     manifest: $("download-manifest"),
     jobList: $("job-list"),
     jobsEmpty: $("jobs-empty"),
@@ -696,11 +697,13 @@
         ]),
       ]));
     }
-    // The ZIP and PSD are named by the server (Content-Disposition: the job id).
+    // The ZIP, PSD and PPTX are named by the server (Content-Disposition: the job id).
     ui.zip.href = result.zip_url;
     ui.zip.setAttribute("aria-label", "Download all layers as ZIP");
     ui.psd.href = result.psd_url;
     ui.psd.setAttribute("aria-label", "Download as PSD");
+    ui.pptx.href = result.pptx_url;
+    ui.pptx.setAttribute("aria-label", "Download as PowerPoint (PPTX)");
     ui.manifest.href = result.manifest_url;
     ui.manifest.download = `${job.id}-manifest.json`;
     ui.manifest.setAttribute("aria-label", "Download the manifest (JSON)");

@@ -10,6 +10,9 @@ is an RGBA uint8 array of the full canvas size (HxWx4, straight alpha).
   first (PSD stores layer records bottom to top; psd-tools lists ``psd[0]`` as
   the bottom), each cropped to its content's bounding box at the matching offset,
   plus a merged image with transparency for viewers that read only that.
+- :func:`layers_pptx`: a PowerPoint deck of one slide with the canvas's aspect,
+  each layer a full-slide picture (its PNG, unchanged), bottom first, named, as
+  the Qwen-Image-Layered reference app exports them.
 - :func:`layer_info` / :func:`build_manifest`: the JSON description.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import zipfile
 from collections.abc import Mapping, Sequence
 from datetime import datetime
@@ -30,6 +34,7 @@ __all__ = [
     "layer_bbox",
     "layer_filename",
     "layer_info",
+    "layers_pptx",
     "layers_psd",
     "layers_zip",
 ]
@@ -37,6 +42,11 @@ __all__ = [
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "strata.layers/v1"
 _MAX_PSD_NAME = 255  # PSD's Unicode layer-name limit
+# A slide is sized at 96 pixels per inch (the reference app's choice), within the
+# 1 to 56 inch sides PowerPoint accepts (ECMA-376 ST_SlideSizeCoordinate).
+_EMU_PER_INCH = 914_400
+_PPTX_DPI = 96
+_MIN_SLIDE_EMU, _MAX_SLIDE_EMU = 914_400, 51_206_400
 
 
 def layer_filename(index: int) -> str:
@@ -145,6 +155,63 @@ def layers_psd(layers: Sequence[np.ndarray], names: Sequence[str]) -> bytes:
     buf = io.BytesIO()
     psd.save(buf)  # composites the merged image from the layers
     return buf.getvalue()
+
+
+def layers_pptx(layers: Sequence[bytes], names: Sequence[str], width: int, height: int) -> bytes:
+    """A PPTX with one blank slide of the canvas's aspect holding one picture per
+    layer, layer 1 (the bottom) first so later layers draw over it, each covering
+    the whole slide and named as its layer.
+
+    :param layers: the layers' full-canvas RGBA PNGs, bottom first; they are
+        embedded as they are, so the deck holds the same pixels.
+    :param width, height: the canvas in pixels; each PNG must be this size.
+
+    The slide is ``width`` x ``height`` at 96 px per inch, scaled as a whole when a
+    side would fall outside PowerPoint's 1 to 56 inches (an aspect beyond 56:1 is
+    clamped: PowerPoint has no slide that shape).
+    """
+    from pptx import Presentation  # noqa: PLC0415 -- needed only here
+    from pptx.util import Emu  # noqa: PLC0415
+    from PIL import Image  # noqa: PLC0415
+
+    if not layers:
+        raise ValueError("no layers")
+    if len(names) != len(layers):
+        raise ValueError(f"{len(layers)} layers but {len(names)} names")
+    for i, png in enumerate(layers, 1):
+        with Image.open(io.BytesIO(png)) as image:  # reads the header only
+            if image.size != (width, height):
+                raise ValueError(f"layer {i} is {image.width}x{image.height}, the canvas {width}x{height}")
+    slide_w, slide_h = _slide_size(width, height)
+    deck = Presentation()
+    deck.slide_width, deck.slide_height = Emu(slide_w), Emu(slide_h)
+    slide = deck.slides.add_slide(deck.slide_layouts[6])  # the default template's "Blank"
+    for png, name in zip(layers, names):
+        picture = slide.shapes.add_picture(io.BytesIO(png), 0, 0, width=Emu(slide_w), height=Emu(slide_h))
+        picture.name = _pptx_name(name)
+    buf = io.BytesIO()
+    deck.save(buf)
+    return buf.getvalue()
+
+
+def _slide_size(width: int, height: int) -> tuple[int, int]:
+    """The slide's sides in EMU for a ``width`` x ``height`` pixel canvas."""
+    if width < 1 or height < 1:
+        raise ValueError(f"a {width}x{height} canvas has no area")
+    emu_w, emu_h = width * _EMU_PER_INCH / _PPTX_DPI, height * _EMU_PER_INCH / _PPTX_DPI
+    scale = min(1.0, _MAX_SLIDE_EMU / max(emu_w, emu_h))
+    scale = max(scale, _MIN_SLIDE_EMU / min(emu_w, emu_h))
+
+    def clamp(emu: float) -> int:
+        return min(_MAX_SLIDE_EMU, max(_MIN_SLIDE_EMU, round(emu * scale)))
+
+    return clamp(emu_w), clamp(emu_h)
+
+
+def _pptx_name(name: str) -> str:
+    # XML 1.0 cannot hold most control characters; lxml refuses them.
+    name = re.sub(r"[\x00-\x08\x0b\x0c\x0e-\x1f]", "", name).strip()
+    return name or "Layer"
 
 
 def _psd_name(name: str) -> str:

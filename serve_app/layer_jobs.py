@@ -223,6 +223,7 @@ class LayerJobRunner:
             "layers": info,
             "zip_url": f"/v1/jobs/{job.id}/result.zip",
             "psd_url": f"/v1/jobs/{job.id}/result.psd",
+            "pptx_url": f"/v1/jobs/{job.id}/result.pptx",
             "manifest_url": f"/v1/jobs/{job.id}/manifest.json",
             "timings": manifest["timings"],
         }

@@ -120,6 +120,7 @@ class JobResult(BaseModel):
     layers: list[LayerView]
     zip_url: str
     psd_url: str
+    pptx_url: str | None = Field(None, description="Absent on jobs finished before PPTX export existed.")
     manifest_url: str
     timings: dict[str, float]
 

@@ -14,6 +14,7 @@ import json
 import os
 import time
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -296,23 +297,34 @@ class StrataService:
     async def layers_psd(self, job_id: str, *, owner: str | None) -> bytes:
         """All layers of a finished job as one PSD, built on first download and kept."""
         job = await self.finished_job(job_id, owner=owner)
-        return await run_in_threadpool(self._stored_export, job, "result.psd", exports.layers_psd)
+        return await run_in_threadpool(self._stored_export, job, "result.psd", self._psd)
+
+    async def layers_pptx(self, job_id: str, *, owner: str | None) -> bytes:
+        """All layers of a finished job as one PowerPoint slide, built on first download and kept."""
+        job = await self.finished_job(job_id, owner=owner)
+        return await run_in_threadpool(self._stored_export, job, "result.pptx", self._pptx)
+
+    def _layer_pngs(self, job: Job) -> list[bytes]:
+        return [self.jobs.storage.get(layer_key(job.id, entry["index"])) for entry in job.result["layers"]]
 
     def _zip(self, job: Job) -> bytes:
-        storage = self.jobs.storage
-        count = len(job.result["layers"])
-        pngs = [storage.get(layer_key(job.id, index)) for index in range(1, count + 1)]
-        manifest = json.loads(storage.get(manifest_key(job.id)))
-        return exports.layers_zip(pngs, manifest=manifest)
+        manifest = json.loads(self.jobs.storage.get(manifest_key(job.id)))
+        return exports.layers_zip(self._layer_pngs(job), manifest=manifest)
 
-    def _stored_export(self, job: Job, filename: str, build) -> bytes:
+    def _psd(self, job: Job) -> bytes:
+        layers = [imaging.decode_rgba_png(png) for png in self._layer_pngs(job)]
+        return exports.layers_psd(layers, [entry["name"] for entry in job.result["layers"]])
+
+    def _pptx(self, job: Job) -> bytes:
+        names = [entry["name"] for entry in job.result["layers"]]
+        return exports.layers_pptx(self._layer_pngs(job), names, job.result["width"], job.result["height"])
+
+    def _stored_export(self, job: Job, filename: str, build: Callable[[Job], bytes]) -> bytes:
         storage = self.jobs.storage
         key = f"jobs/{job.id}/{filename}"
         if storage.exists(key):
             return storage.get(key)
-        layers = [imaging.decode_rgba_png(storage.get(layer_key(job.id, entry["index"])))
-                  for entry in job.result["layers"]]
-        data = build(layers, [entry["name"] for entry in job.result["layers"]])
+        data = build(job)
         storage.put(key, data)
         return data
 

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from pptx import Presentation
 from psd_tools import PSDImage
 
 from tests.images import flat_design
@@ -263,6 +264,16 @@ def test_psd_download_holds_named_layers(ui, design_png):
     assert download.value.suggested_filename.endswith(".psd")
     psd = PSDImage.open(download.value.path())
     assert [layer.name for layer in psd] == ["Layer 1 (background)", "Layer 2", "Layer 3"]
+
+
+def test_pptx_download_holds_one_picture_per_layer(ui, design_png):
+    page = ui.page
+    ui.decompose(design_png, layers=3)
+    with page.expect_download() as download:
+        page.get_by_role("link", name="Download as PowerPoint (PPTX)").click()
+    assert download.value.suggested_filename.endswith(".pptx")
+    slide = Presentation(download.value.path()).slides[0]
+    assert [shape.name for shape in slide.shapes] == ["Layer 1 (background)", "Layer 2", "Layer 3"]
 
 
 def test_text_file_is_refused_with_the_apis_reason(ui, client, tmp_path):

@@ -123,6 +123,16 @@ async def get_psd(job_id: JobId, service: Service, owner: Owner) -> Response:
     return _attachment(await service.layers_psd(job_id, owner=owner), "image/vnd.adobe.photoshop", f"{job_id}.psd")
 
 
+PPTX_MEDIA_TYPE = "application/vnd.openxmlformats-officedocument.presentationml.presentation"
+
+
+@router.get("/v1/jobs/{job_id}/result.pptx",
+            summary="All layers as one PowerPoint slide (full-canvas pictures, bottom first)",
+            response_class=Response, responses={200: {"content": {PPTX_MEDIA_TYPE: {}}}, **PROBLEM_RESPONSES})
+async def get_pptx(job_id: JobId, service: Service, owner: Owner) -> Response:
+    return _attachment(await service.layers_pptx(job_id, owner=owner), PPTX_MEDIA_TYPE, f"{job_id}.pptx")
+
+
 @router.get("/v1/jobs/{job_id}/manifest.json", summary="Layer order, names, sizes, boxes, params, timings",
             responses=PROBLEM_RESPONSES)
 async def get_manifest(job_id: JobId, service: Service, owner: Owner) -> Response:

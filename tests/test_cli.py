@@ -1,0 +1,272 @@
+"""The `strata` command line against Strata served on a real local Ray
+(configs/test.yaml), run in-process with typer's CliRunner (one test runs it as
+a program). Output is read as a user reads it: files, tables, exit codes."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tomllib
+from PIL import Image
+from pptx import Presentation
+from psd_tools import PSDImage
+from typer.testing import CliRunner
+
+from serve_app.cli import app, plan_outputs
+from tests.conftest import ROOT
+from tests.images import flat_design, product_photo
+from tests.test_remove_background_api import jpeg_bytes, png_bytes, red_disc_png
+
+# Wide enough that rich never folds a reason or a path across lines.
+runner = CliRunner(env={"COLUMNS": "400", "NO_COLOR": "1"})
+
+
+def strata_cli(server: str, *args: str):
+    return runner.invoke(app, [*args, "--server", server])
+
+
+def summary_line(output: str) -> str:
+    (line,) = [line for line in output.splitlines() if re.match(r"^\d+ images?: ", line)]
+    return line
+
+
+def table_cells(line: str) -> list[str]:
+    """The cells of one line of a rich table (columns are at least two spaces apart)."""
+    return re.split(r"\s{2,}", line.strip())
+
+
+def make_photos(folder: Path, count: int, start: int = 0) -> dict[Path, tuple[int, int]]:
+    """``count`` JPEG and PNG product shots of assorted sizes, half of them in a
+    subfolder; their paths relative to ``folder`` and their sizes."""
+    made = {}
+    for i in range(start, start + count):
+        width, height = 96 + 8 * i, 80 + 4 * (i % 5)
+        rgb, _ = product_photo(width, height, seed=i)
+        relative = Path("more" if i % 2 else ".") / (f"shot_{i:02d}.jpg" if i % 3 else f"shot_{i:02d}.png")
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(jpeg_bytes(rgb) if path.suffix == ".jpg" else png_bytes(rgb))
+        made[relative] = (width, height)
+    return made
+
+
+# -- planning (no server) -----------------------------------------------------------
+
+
+def test_a_folder_maps_to_the_same_places_under_out(tmp_path):
+    (tmp_path / "in" / "sub").mkdir(parents=True)
+    for name in ("a.jpg", "sub/b.PNG", "sub/.hidden.png", "notes.txt"):
+        (tmp_path / "in" / name).write_bytes(b"x")
+    plan = plan_outputs([tmp_path / "in"], tmp_path / "out", ".png")
+    assert plan.todo == [(tmp_path / "in" / "a.jpg", tmp_path / "out" / "a.png"),
+                         (tmp_path / "in" / "sub" / "b.PNG", tmp_path / "out" / "sub" / "b.png")]
+    assert plan.ignored == 1 and plan.refused == []
+
+
+def test_an_output_folder_inside_the_input_folder_is_not_read_as_input(tmp_path):
+    (tmp_path / "photos" / "cut").mkdir(parents=True)
+    (tmp_path / "photos" / "a.jpg").write_bytes(b"x")
+    (tmp_path / "photos" / "cut" / "a.png").write_bytes(b"x")
+    plan = plan_outputs([tmp_path / "photos"], tmp_path / "photos" / "cut", ".png")
+    assert plan.todo == [(tmp_path / "photos" / "a.jpg", tmp_path / "photos" / "cut" / "a.png")]
+
+
+def test_two_inputs_for_one_output_refuse_the_second(tmp_path):
+    for name in ("logo.jpg", "logo.png"):
+        (tmp_path / name).write_bytes(b"x")
+    plan = plan_outputs([tmp_path / "logo.jpg", tmp_path / "logo.png"], tmp_path / "out", ".png")
+    assert plan.todo == [(tmp_path / "logo.jpg", tmp_path / "out" / "logo.png")]
+    assert [(source, "same output" in reason) for source, reason in plan.refused] == [(tmp_path / "logo.png", True)]
+
+
+# -- remove-bg ------------------------------------------------------------------------
+
+
+def test_remove_bg_processes_a_folder_of_20_images(strata, tmp_path):
+    made = make_photos(tmp_path / "photos", 20)
+    result = strata_cli(strata, "remove-bg", str(tmp_path / "photos"), "-o", str(tmp_path / "out"), "-j", "4",
+                        "--model", "classic")
+    assert result.exit_code == 0, result.output
+    assert summary_line(result.stdout) == (f"20 images: 20 written, 0 skipped (output exists), 0 failed; "
+                                           f"results in {tmp_path / 'out'}")
+    written = sorted(p.relative_to(tmp_path / "out") for p in (tmp_path / "out").rglob("*") if p.is_file())
+    assert written == sorted(relative.with_suffix(".png") for relative in made)
+    for relative, size in made.items():
+        image = Image.open(tmp_path / "out" / relative.with_suffix(".png"))
+        assert image.format == "PNG" and image.mode == "RGBA" and image.size == size
+    # One progress bar, finished.
+    assert result.stderr.count("removing backgrounds") == 1 and "20/20" in result.stderr
+
+
+def test_a_second_run_skips_the_finished_outputs(strata, tmp_path):
+    make_photos(tmp_path / "photos", 20)
+    args = ["remove-bg", str(tmp_path / "photos"), "-o", str(tmp_path / "out"), "--model", "classic"]
+    assert strata_cli(strata, *args).exit_code == 0
+    before = {p: p.stat().st_mtime_ns for p in (tmp_path / "out").rglob("*.png")}
+    make_photos(tmp_path / "photos", 1, start=20)  # one new photo since
+    result = strata_cli(strata, *args)
+    assert result.exit_code == 0, result.output
+    assert summary_line(result.stdout).startswith("21 images: 1 written, 20 skipped (output exists), 0 failed")
+    assert {p: p.stat().st_mtime_ns for p in before} == before
+
+
+def test_a_corrupt_file_is_a_failure_with_its_reason_and_exit_1(strata, client, tmp_path):
+    make_photos(tmp_path / "photos", 3)
+    good, _ = red_disc_png(200, 150)
+    broken = tmp_path / "photos" / "broken.png"
+    broken.write_bytes(good[: len(good) // 2])
+    (tmp_path / "photos" / "readme.txt").write_text("not an image")
+    reason = client.post("/v1/remove-background", files={"image": ("broken.png", broken.read_bytes())}).json()
+    result = strata_cli(strata, "remove-bg", str(tmp_path / "photos"), "-o", str(tmp_path / "out"),
+                        "--model", "classic")
+    assert result.exit_code == 1
+    assert summary_line(result.stdout).startswith("4 images: 3 written, 0 skipped (output exists), 1 failed")
+    (failure,) = [line for line in result.stdout.splitlines() if "broken.png" in line]
+    assert f"400 {reason['title']}: {reason['detail']}" in failure
+    assert "1 files in the folders are not images" in result.stdout
+    assert not (tmp_path / "out" / "broken.png").exists()
+    assert len(list((tmp_path / "out").rglob("*.png"))) == 3
+
+
+def test_remove_bg_takes_single_files_and_output_options(strata, tmp_path):
+    data, _ = red_disc_png(320, 240)
+    (tmp_path / "disc.png").write_bytes(data)
+    result = strata_cli(strata, "remove-bg", str(tmp_path / "disc.png"), "-o", str(tmp_path / "out"),
+                        "--model", "tiny", "--mask", "--format", "webp")
+    assert result.exit_code == 0, result.output
+    mask = Image.open(tmp_path / "out" / "disc.webp")
+    assert mask.format == "WEBP" and mask.size == (320, 240)
+
+
+def test_an_unreachable_server_fails_every_image_with_the_reason(tmp_path):
+    make_photos(tmp_path / "photos", 2)
+    result = strata_cli("http://127.0.0.1:9", "remove-bg", str(tmp_path / "photos"), "-o", str(tmp_path / "out"))
+    assert result.exit_code == 1
+    assert summary_line(result.stdout).startswith("2 images: 0 written, 0 skipped (output exists), 2 failed")
+    assert result.stdout.count("Connection failed") == 2
+
+
+# -- layers -------------------------------------------------------------------------------
+
+
+def test_layers_writes_pngs_zip_psd_and_pptx_that_open(strata, tmp_path):
+    rgb, _ = flat_design(480, 360, seed=1)
+    (tmp_path / "poster.png").write_bytes(png_bytes(rgb))
+    out = tmp_path / "out"
+    result = strata_cli(strata, "layers", str(tmp_path / "poster.png"), "-o", str(out), "--layers", "3",
+                        "--model", "classic", "--psd", "--zip", "--pptx")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in out.iterdir()) == ["layer_01.png", "layer_02.png", "layer_03.png",
+                                                      "poster.pptx", "poster.psd", "poster.zip"]
+    pngs = [(out / f"layer_{i:02d}.png").read_bytes() for i in (1, 2, 3)]
+    layers = [np.asarray(Image.open(io.BytesIO(png))) for png in pngs]
+    assert all(layer.shape == (360, 480, 4) for layer in layers)
+    with zipfile.ZipFile(out / "poster.zip") as archive:
+        assert archive.namelist() == ["layer_01.png", "layer_02.png", "layer_03.png", "manifest.json"]
+        assert [archive.read(f"layer_{i:02d}.png") for i in (1, 2, 3)] == pngs
+        names = [entry["name"] for entry in json.loads(archive.read("manifest.json"))["layers"]]
+    psd = PSDImage.open(out / "poster.psd")
+    assert (psd.width, psd.height) == (480, 360) and [layer.name for layer in psd] == names
+    deck = Presentation(str(out / "poster.pptx"))
+    (slide,) = deck.slides
+    assert [shape.name for shape in slide.shapes] == names
+    assert [shape.image.blob for shape in slide.shapes] == pngs
+    # The live progress bar ended at the last of the model's steps.
+    assert re.search(r"succeeded\s.*\s(\d+)/\1\s", result.stderr), result.stderr
+    for name in names:
+        assert name in result.stdout
+
+
+def test_layers_without_bundle_flags_writes_only_the_pngs(strata, tmp_path):
+    rgb, _ = flat_design(320, 240, seed=2)
+    (tmp_path / "logo.png").write_bytes(png_bytes(rgb))
+    result = strata_cli(strata, "layers", str(tmp_path / "logo.png"), "-o", str(tmp_path / "out"),
+                        "-n", "2", "--model", "classic")
+    assert result.exit_code == 0, result.output
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["layer_01.png", "layer_02.png"]
+
+
+def test_layers_reports_the_servers_reason_for_a_bad_parameter(strata, tmp_path):
+    rgb, _ = flat_design(320, 240, seed=2)
+    (tmp_path / "logo.png").write_bytes(png_bytes(rgb))
+    result = strata_cli(strata, "layers", str(tmp_path / "logo.png"), "-o", str(tmp_path / "out"),
+                        "--layers", "11", "--model", "classic")
+    assert result.exit_code == 1
+    assert "422 Invalid parameters: layers:" in result.stderr
+    assert not (tmp_path / "out").exists()
+
+
+# -- jobs, health ---------------------------------------------------------------------------
+
+
+def test_jobs_prints_a_table_with_a_finished_job(strata, tmp_path):
+    rgb, _ = flat_design(320, 240, seed=3)
+    (tmp_path / "design.png").write_bytes(png_bytes(rgb))
+    layers = strata_cli(strata, "layers", str(tmp_path / "design.png"), "-o", str(tmp_path / "out"),
+                        "-n", "2", "--model", "classic")
+    job_id = re.search(r"job (\S+) accepted", layers.stderr).group(1)
+    result = strata_cli(strata, "jobs", "--status", "succeeded", "--limit", "100")
+    assert result.exit_code == 0, result.output
+    header = next(line for line in result.stdout.splitlines() if "status" in line and "error" in line)
+    assert table_cells(header) == ["id", "status", "model", "layers", "created", "took", "error"]
+    (row,) = [table_cells(line) for line in result.stdout.splitlines() if job_id in line]
+    assert row[:4] == [job_id, "succeeded", "classic", "2"]
+    assert re.fullmatch(r"\d\d-\d\d \d\d:\d\d", row[4]) and re.fullmatch(r"\d+\.\d s", row[5])
+
+
+def test_health_prints_a_table_of_the_models(strata):
+    result = strata_cli(strata, "health")
+    assert result.exit_code == 0, result.output
+    assert f"Strata at {strata}: ok" in result.stdout
+    background, layers = result.stdout.split("Layer decomposition (default: classic)")
+    assert "Background removal (default: tiny)" in background
+
+    def rows(text: str) -> dict[str, list[str]]:
+        return {cells[0]: cells for cells in map(table_cells, text.splitlines()) if len(cells) >= 6}
+
+    assert rows(background)["tiny"][1:] == ["birefnet", "cpu", "float32", "yes", "1 running"]
+    assert rows(background)["classic"][1:] == ["classic", "cpu", "uint8", "yes", "1 running"]
+    assert set(rows(layers)) == {"model", "classic", "tiny-qwen"}
+    assert rows(layers)["tiny-qwen"][1:] == ["qwen-image-layered", "cpu", "float32", "yes", "1 running"]
+
+
+def test_the_server_comes_from_strata_url(strata):
+    result = runner.invoke(app, ["health"], env={"STRATA_URL": strata, "COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    assert f"Strata at {strata}" in result.stdout
+
+
+def test_an_unreachable_server_is_an_error_exit(strata):
+    result = strata_cli("http://127.0.0.1:9", "health")
+    assert result.exit_code == 1 and "Connection failed" in result.stderr
+
+
+# -- the console script -------------------------------------------------------------------------
+
+
+def test_strata_is_a_console_script_of_the_package():
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["strata"] == "serve_app.cli:main"
+
+
+def test_the_cli_runs_as_a_program(strata):
+    result = subprocess.run([sys.executable, "-m", "serve_app.cli", "jobs", "--limit", "1"], cwd=ROOT,
+                            capture_output=True, text=True, timeout=120, check=False,
+                            env={"PYTHONPATH": str(ROOT), "PATH": "/usr/bin:/bin", "STRATA_URL": strata,
+                                 "COLUMNS": "200"})
+    assert result.returncode == 0, result.stderr
+    assert f"Jobs at {strata}" in result.stdout
+
+
+@pytest.mark.parametrize("args", [["remove-bg", "/no/such/photo.jpg", "-o", "out"], ["layers", "/no/such.png", "-o", "o"]])
+def test_a_missing_input_is_a_usage_error(args):
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2 and "does not exist" in result.output

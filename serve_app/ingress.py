@@ -12,7 +12,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppConfig
 from serve_app.problems import install_problem_handlers
-from serve_app.routes import background, health, jobs, rembg_compat, web
+from serve_app.routes import background, health, jobs, rembg_compat, removebg_compat, web
 from serve_app.service import StrataService
 
 app = FastAPI(
@@ -21,7 +21,7 @@ app = FastAPI(
     summary="Background removal and layer decomposition, self-hosted on Ray Serve.",
 )
 install_problem_handlers(app)
-for family in (health, background, jobs, rembg_compat, web):
+for family in (health, background, jobs, rembg_compat, removebg_compat, web):
     app.include_router(family.router)
 app.mount("/static", web.static_files(), name="static")
 

@@ -50,6 +50,7 @@ class Matte:
 
     image: imaging.DecodedImage
     alpha: np.ndarray
+    input_size: tuple[int, int]  # (width, height) as uploaded, before any downscale
     model: str
     engine: str
     batch_size: int
@@ -131,11 +132,12 @@ class StrataService:
         the served model `model`: the image and its alpha, ready to render."""
         started = time.perf_counter()
         image = await run_in_threadpool(self.decode, data)
+        input_size = (image.width, image.height)
         if max_pixels is not None:
             image = await run_in_threadpool(imaging.downscale_to_pixels, image, max_pixels)
         full_mask, engine, batch_size = await self.alpha_mask(model, image)
         alpha = full_mask if image.alpha is None else await run_in_threadpool(np.minimum, full_mask, image.alpha)
-        return Matte(image, alpha, model, engine, batch_size, started)
+        return Matte(image, alpha, input_size, model, engine, batch_size, started)
 
     async def alpha_mask(self, model: str, image: imaging.DecodedImage) -> tuple[np.ndarray, str, int]:
         """The image-sized alpha mask of `model`, the engine that made it and its batch size."""

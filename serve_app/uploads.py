@@ -53,18 +53,19 @@ def is_multipart(request: Request) -> bool:
     return request.headers.get("content-type", "").startswith("multipart/form-data")
 
 
-async def read_form(request: Request, max_bytes: int) -> MultipartForm:
-    """The fields of a multipart request whose files are at most `max_bytes` each."""
+async def read_form(request: Request, max_bytes: int, *, max_field_bytes: int = 1024 * 1024) -> MultipartForm:
+    """The fields of a multipart request: files of at most `max_bytes` each, text
+    fields of at most `max_field_bytes` (one of them may carry the image, base64)."""
     if not is_multipart(request):
         raise ProblemError(415, "Unsupported media type", "send a multipart/form-data body",
                            slug="unsupported-media-type")
-    # Multipart framing and text fields add a little beyond the file itself.
-    body_limit = max_bytes + 64 * 1024
+    # Multipart framing and small text fields add a little beyond the image itself.
+    body_limit = max(max_bytes, max_field_bytes) + 64 * 1024
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > body_limit:
         raise _too_large(max_bytes)
     parser = MultiPartParser(request.headers, _bounded(request.stream(), body_limit),
-                             max_files=4, max_fields=32)
+                             max_files=4, max_fields=32, max_part_size=max_field_bytes)
     try:
         form = await parser.parse()
     except MultiPartException as exc:

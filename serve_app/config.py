@@ -78,6 +78,23 @@ class CompatConfig(BaseModel):
     )
 
 
+class UrlInputsConfig(BaseModel):
+    """Images fetched from a URL the client names (`image_url`): the limits of that fetch."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    enabled: bool = Field(True, description="Accept `image_url`; false: such requests answer 422.")
+    max_bytes: int | None = Field(
+        None, gt=0, description="Largest body fetched, enforced while reading (413); unset: the upload limit.",
+    )
+    timeout_s: float = Field(10, gt=0, description="Deadline of the whole fetch, redirects included (408).")
+    max_redirects: int = Field(3, ge=0, le=20, description="Redirects followed at most, each hop vetted again.")
+    allow_private_networks: bool = Field(
+        False, description="Fetch from private, loopback and link-local addresses too. Tests and development only: "
+                           "it lets any client make the service request its own network.",
+    )
+
+
 class AppConfig(BaseModel):
     """Everything `serve_app.app:build_app` reads from the config file's `args`."""
 
@@ -95,11 +112,17 @@ class AppConfig(BaseModel):
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     limits: UploadLimits = Field(default_factory=UploadLimits)
     compat: CompatConfig = Field(default_factory=CompatConfig)
+    url_inputs: UrlInputsConfig = Field(default_factory=UrlInputsConfig)
     ingress_num_cpus: float = Field(
         0.5, ge=0, description="CPU share per ingress replica Ray reserves for scheduling."
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 when a queue is full.")
     model_timeout_s: float = Field(120, gt=0, description="Longest wait for one model call before answering 503.")
+
+    @property
+    def url_max_bytes(self) -> int:
+        """The largest image fetched from a URL."""
+        return self.url_inputs.max_bytes or self.limits.max_upload_bytes
 
     @model_validator(mode="after")
     def _models_are_served(self) -> "AppConfig":

@@ -7,10 +7,20 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
-class RemoveBackgroundParams(BaseModel):
-    """Query parameters of `POST /v1/remove-background`."""
+class ImageSourceParams(BaseModel):
+    """Where a route's image comes from when it is not uploaded."""
 
     model_config = ConfigDict(extra="forbid")
+
+    image_url: str | None = Field(
+        None, max_length=2048,
+        description="Fetch the image from this public http(s) URL instead of uploading it: send exactly one of "
+                    "the multipart field `image` and `image_url`.",
+    )
+
+
+class RemoveBackgroundParams(ImageSourceParams):
+    """Query parameters of `POST /v1/remove-background`."""
 
     model: str | None = Field(None, description="Model name as listed by /v1/health; default: the configured default.")
     output: Literal["cutout", "mask"] = Field("cutout", description="cutout: RGBA image; mask: 8-bit alpha mask.")
@@ -63,7 +73,8 @@ class Health(BaseModel):
 PROBLEM_RESPONSES = {
     status: {"model": Problem, "description": description, "content": {"application/problem+json": {}}}
     for status, description in {
-        413: "Upload or image too large",
+        408: "Fetching `image_url` timed out",
+        413: "Upload, fetched image or image too large",
         404: "No such job or file",
         415: "Not an image this service reads",
         422: "Invalid parameters or image",
@@ -72,10 +83,8 @@ PROBLEM_RESPONSES = {
 }
 
 
-class LayersParams(BaseModel):
+class LayersParams(ImageSourceParams):
     """Query parameters of `POST /v1/layers`."""
-
-    model_config = ConfigDict(extra="forbid")
 
     model: str | None = Field(None, description="Layer model name as listed by /v1/health; default: the configured default.")
     layers: int = Field(4, ge=2, le=10, description="Number of layers (background first).")

@@ -31,6 +31,7 @@ from serve_app.layer_jobs import KIND, LayerJobRunner, input_key, layer_key, man
 from serve_app.problems import ProblemError
 from serve_app.schemas import Health, LayersParams, ModelHealth, RemoveBackgroundParams
 from serve_app.storage import LocalStorage
+from serve_app.url_inputs import UrlFetcher
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,10 @@ class StrataService:
         self.jobs = jobs
         self._limits = imaging.ImageLimits(max_pixels=config.limits.max_pixels, min_side=config.limits.min_side)
         self._engine_infos: dict[str, EngineInfo] = {}
+        urls = config.url_inputs
+        self._url_fetcher = UrlFetcher(max_bytes=config.url_max_bytes, timeout_s=urls.timeout_s,
+                                       max_redirects=urls.max_redirects,
+                                       allow_private_networks=urls.allow_private_networks)
 
     @classmethod
     async def create(cls, config: AppConfig, segmenters: dict[str, DeploymentHandle],
@@ -116,6 +121,14 @@ class StrataService:
             return imaging.decode_image(data, self._limits)
         except imaging.ImageRejected as exc:
             raise ProblemError(exc.status, exc.title, exc.detail, slug=exc.code) from exc
+
+    async def fetch_image_url(self, url: str) -> bytes:
+        """The bytes at `url`, fetched within the `url_inputs` limits from public addresses
+        only (see serve_app/url_inputs.py), or a 4xx."""
+        if not self.config.url_inputs.enabled:
+            raise ProblemError(422, "URL inputs disabled", "this deployment does not fetch image URLs; "
+                               "upload the image instead", slug="url-inputs-disabled")
+        return await self._url_fetcher.fetch(url)
 
     async def remove_background(self, data: bytes, params: RemoveBackgroundParams) -> Cutout:
         """Decode `data`, segment it with the requested model and render the answer."""
@@ -202,7 +215,7 @@ class StrataService:
         """Accept a decomposition of `data` as a queued job, or answer 503 when the queue is full."""
         model = self.layer_model_name(params.model)
         image = await run_in_threadpool(self.decode, data)
-        job_params = {**params.model_dump(), "model": model, "width": image.width, "height": image.height}
+        job_params = {**params.model_dump(exclude={"image_url"}), "model": model, "width": image.width, "height": image.height}
         job_id = new_job_id()
         storage, store = self.jobs.storage, self.jobs.store
         # The input first, then the row: a dispatcher never sees a job without its input.

@@ -7,7 +7,7 @@ without being buffered whole (Starlette's own form parsing reads it all first).
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -94,8 +94,8 @@ async def read_upload(request: Request, field: str, max_bytes: int) -> bytes:
                            f"(curl -F {field}=@photo.jpg)", slug="unsupported-media-type")
     upload = (await read_form(request, max_bytes)).files.get(field)
     if upload is None:
-        raise ProblemError(422, "Missing image", f"the form has no file field named {field!r}",
-                           slug="missing-image")
+        raise ProblemError(422, "Missing image", f"the form has no file field named {field!r} "
+                           "(or send no body and pass image_url)", slug="missing-image")
     return upload.data
 
 
@@ -105,3 +105,26 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
     if declared and declared.isdigit() and int(declared) > max_bytes:
         raise _too_large(max_bytes)
     return b"".join([chunk async for chunk in _bounded(request.stream(), max_bytes)])
+
+
+def _has_no_body(request: Request) -> bool:
+    headers = request.headers
+    return ("content-type" not in headers and "transfer-encoding" not in headers
+            and headers.get("content-length", "0") == "0")
+
+
+async def read_image_input(request: Request, field: str, max_bytes: int, image_url: str | None,
+                           fetch: Callable[[str], Awaitable[bytes]]) -> bytes:
+    """The image of a request that takes exactly one of a multipart file field `field`
+    (at most `max_bytes`) and an `image_url` (fetched with `fetch`); both or neither: 422."""
+    if image_url is None:
+        if _has_no_body(request):
+            raise ProblemError(422, "Missing image", f"send the image as the multipart file field {field!r} "
+                               "or name it with the image_url query parameter", slug="missing-image")
+        return await read_upload(request, field, max_bytes)
+    async for chunk in request.stream():
+        if chunk:
+            raise ProblemError(422, "Two images", f"image_url was given together with a request body: send the "
+                               f"image either as the multipart field {field!r} or as image_url, not both",
+                               slug="two-images")
+    return await fetch(image_url)

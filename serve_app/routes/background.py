@@ -7,7 +7,7 @@ from fastapi import APIRouter, Depends, Query, Request, Response
 from serve_app.routes.openapi import IMAGE_BODY
 from serve_app.schemas import PROBLEM_RESPONSES, RemoveBackgroundParams
 from serve_app.service import StrataService, current_service
-from serve_app.uploads import read_upload
+from serve_app.uploads import read_image_input
 
 router = APIRouter()
 
@@ -24,9 +24,10 @@ router = APIRouter()
 )
 async def remove_background(request: Request, params: Annotated[RemoveBackgroundParams, Query()],
                             service: Annotated[StrataService, Depends(current_service)]) -> Response:
-    # The model name is checked before the upload is read: a bad name costs no transfer.
+    # The model name is checked before the upload is read: a bad name costs no transfer or fetch.
     service.model_name(params.model)
-    data = await read_upload(request, "image", service.config.limits.max_upload_bytes)
+    data = await read_image_input(request, "image", service.config.limits.max_upload_bytes, params.image_url,
+                                  service.fetch_image_url)
     cutout = await service.remove_background(data, params)
     rendered = cutout.rendered
     return Response(

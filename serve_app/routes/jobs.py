@@ -12,7 +12,7 @@ from serve_app.layer_jobs import job_json
 from serve_app.routes.openapi import IMAGE_BODY
 from serve_app.schemas import PROBLEM_RESPONSES, JobList, JobView, LayersParams
 from serve_app.service import StrataService, current_service
-from serve_app.uploads import read_upload
+from serve_app.uploads import read_image_input
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN)]
@@ -40,9 +40,10 @@ async def create_layers_job(request: Request, params: Annotated[LayersParams, Qu
                             prefer: Annotated[str | None, Header(
                                 description="`wait=N`: answer 200 with the finished job if it ends within N s")] = None,
                             ) -> Response:
-    # The model is checked before the upload is read: a bad name costs no transfer.
+    # The model is checked before the upload is read: a bad name costs no transfer or fetch.
     service.layer_model_name(params.model)
-    data = await read_upload(request, "image", service.config.limits.max_upload_bytes)
+    data = await read_image_input(request, "image", service.config.limits.max_upload_bytes, params.image_url,
+                                  service.fetch_image_url)
     job = await service.submit_layer_job(data, params)
     wait_s = min(_prefer_wait(prefer), service.config.jobs.max_wait_s)
     headers = {"Location": f"/v1/jobs/{job.id}"}

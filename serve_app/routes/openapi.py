@@ -2,9 +2,11 @@
 
 # A multipart upload with one `image` file field. The routes read it themselves,
 # streaming and size-limited (serve_app/uploads.py), so FastAPI cannot infer it.
+# Optional: a request that names its image with `image_url` sends no body.
 IMAGE_BODY = {
     "requestBody": {
-        "required": True,
+        "required": False,
+        "description": "The image as the file field `image`; omit the body when `image_url` names the image.",
         "content": {
             "multipart/form-data": {
                 "schema": {

@@ -9,8 +9,20 @@ BiRefNet, which calls saturated red pixels foreground.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
+from tests.image_server import ImageServer
 from tests.test_remove_background_api import iou, jpeg_bytes, open_image, red_disc_png
+
+IMAGE, DISC = red_disc_png(320, 240)
+
+
+@pytest.fixture(scope="module")
+def images():
+    """A local web server with the red disc at /image.png (configs/test.yaml lets
+    the ingress fetch from 127.0.0.1; production configs refuse private addresses)."""
+    with ImageServer(IMAGE) as server:
+        yield server
 
 
 def remove(client, data: bytes, *, form=None, params=None, filename="input.png"):
@@ -152,3 +164,27 @@ def test_extras_are_accepted_and_ignored(client):
     plain = remove(client, data)
     assert with_extras.status_code == with_bad_json.status_code == 200
     assert with_extras.content == plain.content == with_bad_json.content
+
+
+def test_get_with_a_url_gives_the_cutout_of_that_image(client, images):
+    by_url = client.get("/api/remove", params={"url": images.url("/image.png"), "model": "birefnet-general"})
+    assert by_url.status_code == 200, by_url.text
+    assert by_url.headers["content-type"] == "image/png"
+    assert by_url.content == remove(client, IMAGE, form={"model": "birefnet-general"}).content
+
+
+def test_get_takes_rembgs_parameters_in_the_query(client, images):
+    response = client.get("/api/remove", params={"url": images.url("/image.png"), "om": "true", "ppm": "true"})
+    mask = open_image(response.content)
+    assert mask.mode == "L" and set(np.unique(np.asarray(mask))) <= {0, 255}
+
+
+def test_get_without_a_url_is_422_naming_it(client):
+    response = client.get("/api/remove")
+    assert response.status_code == 422, response.text
+    assert response.json()["detail"][0]["loc"] == ["query", "url"]
+
+
+def test_a_url_that_cannot_be_fetched_is_a_detail_error(client, images):
+    assert_detail(client.get("/api/remove", params={"url": images.url("/status/503")}), 422, "503")
+    assert_detail(client.get("/api/remove", params={"url": f"http://0.0.0.0:{images.port}/image.png"}), 422)

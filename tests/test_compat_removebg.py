@@ -16,6 +16,7 @@ import zipfile
 import numpy as np
 import pytest
 
+from tests.image_server import ImageServer
 from tests.test_remove_background_api import iou, open_image, png_bytes, red_disc_png
 
 KEY = {"X-Api-Key": "INSERT_YOUR_API_KEY_HERE"}
@@ -231,3 +232,28 @@ def test_an_image_without_a_foreground_is_unknown_foreground(client):
     grey = np.asarray(open_image(data).convert("RGB")).copy()
     grey[:] = 128
     assert_error(removebg(client, png_bytes(grey), size="auto"), "unknown_foreground")
+
+
+@pytest.fixture(scope="module")
+def images():
+    """A local web server with the red disc at /image.png (configs/test.yaml lets
+    the ingress fetch from 127.0.0.1; production configs refuse private addresses)."""
+    with ImageServer(red_disc_png()[0]) as server:
+        yield server
+
+
+def test_an_image_url_gives_the_same_result_as_the_file(client, images):
+    data, _ = red_disc_png()
+    by_url = removebg(client, image_url=images.url("/image.png"), size="auto")
+    assert by_url.status_code == 200, by_url.text
+    assert by_url.content == removebg(client, data, size="auto").content
+
+
+def test_an_image_url_that_fails_is_failed_image_download(client, images):
+    url = images.url("/status/503")
+    error = assert_error(removebg(client, image_url=url), "failed_image_download")
+    assert url in error["title"]
+
+
+def test_an_image_url_that_is_not_a_url_is_invalid_image_url(client):
+    assert_error(removebg(client, image_url="not a url"), "invalid_image_url")

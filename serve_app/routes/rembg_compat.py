@@ -35,7 +35,7 @@ from __future__ import annotations
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Depends, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
@@ -146,3 +146,19 @@ async def remove_uploaded(request: Request, service: Service) -> Response:
         raise missing_field("file")
     params = _params(request, form.fields)
     return await _remove(service, upload.data, params, _served_model(service, params.model))
+
+
+@router.get(
+    "/api/remove",
+    summary="rembg: remove the background of the image at a URL",
+    response_class=Response,
+    responses=_PNG,
+)
+async def remove_from_url(request: Request, service: Service,
+                          url: Annotated[str, Query(description="URL of the image that has to be processed.")],
+                          ) -> Response:
+    params = _params(request)
+    model = _served_model(service, params.model)
+    # Fetched from public addresses only, within the url_inputs limits (serve_app/url_inputs.py).
+    data = await service.fetch_image_url(url)
+    return await _remove(service, data, params, model)

@@ -315,8 +315,8 @@ def _decode_b64(text: str) -> bytes:
                    "image_file_b64 is not valid base64") from None
 
 
-def _image_bytes(request: RemoveBgRequest) -> bytes:
-    """The image from the one source the request names, or remove.bg's 400."""
+def _image_source(request: RemoveBgRequest) -> str:
+    """The one image source the request names, or remove.bg's 400."""
     sources = [name for name, given in (("image_file", request.image_file is not None),
                                         ("image_file_b64", bool(request.values.get("image_file_b64"))),
                                         ("image_url", bool(request.values.get("image_url")))) if given]
@@ -326,12 +326,29 @@ def _image_bytes(request: RemoveBgRequest) -> bytes:
     if len(sources) > 1:
         raise _bad("multiple_sources", "Multiple image sources given: Please provide either the image_url, "
                    "image_file or image_file_b64 parameter.")
-    if sources[0] == "image_url":
-        raise _bad("unsupported_parameter", "Parameter 'image_url' is not supported by this server",
-                   "this server does not fetch images from URLs yet; send image_file or image_file_b64")
-    if sources[0] == "image_file":
+    return sources[0]
+
+
+async def _image_bytes(request: RemoveBgRequest, service: StrataService) -> bytes:
+    """The image from the request's one source: uploaded, base64 or fetched."""
+    source = _image_source(request)
+    if source == "image_file":
         return request.image_file  # type: ignore[return-value]
-    return _decode_b64(request.values["image_file_b64"])
+    if source == "image_file_b64":
+        return await run_in_threadpool(_decode_b64, request.values["image_file_b64"])  # CPU work
+    url = request.values["image_url"]
+    try:
+        # Fetched from public addresses only, within the url_inputs limits (serve_app/url_inputs.py).
+        return await service.fetch_image_url(url)
+    except ProblemError as exc:
+        if exc.slug in ("invalid-url", "url-refused"):
+            raise _bad("invalid_image_url", "Invalid image_url: Please provide a valid URL.", exc.detail) from exc
+        if exc.slug in ("url-fetch-failed", "url-timeout"):
+            raise _bad("failed_image_download", f"Failed to download image from given image_url: {url}",
+                       exc.detail) from exc
+        if exc.slug == "url-too-large":
+            raise _bad("file_too_large", "File too large", exc.detail) from exc
+        raise
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -458,7 +475,7 @@ def _wants_json(request: Request) -> bool:
 async def remove_background(request: Request, service: Service) -> Response:
     fields = await read_request(request, service.config.limits.max_upload_bytes)
     options = parse_options(fields.values)
-    data = await run_in_threadpool(_image_bytes, fields)  # base64 decoding is CPU work
+    data = await _image_bytes(fields, service)
     matte = await service.matte(data, service.config.default_model, max_pixels=options.max_pixels)
     result = await run_in_threadpool(render, matte, options)
     top, left, fg_width, fg_height = result.foreground

@@ -12,7 +12,15 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app.config import AppConfig
 from serve_app.problems import install_problem_handlers
-from serve_app.routes import background, health, jobs, rembg_compat, removebg_compat, web
+from serve_app.routes import (
+    background,
+    health,
+    jobs,
+    layer_saas_compat,
+    rembg_compat,
+    removebg_compat,
+    web,
+)
 from serve_app.service import StrataService
 
 app = FastAPI(
@@ -21,7 +29,8 @@ app = FastAPI(
     summary="Background removal and layer decomposition, self-hosted on Ray Serve.",
 )
 install_problem_handlers(app)
-for family in (health, background, jobs, rembg_compat, removebg_compat, web):
+# Strata's own API, then the other projects' APIs answered on the same service.
+for family in (health, background, jobs, rembg_compat, removebg_compat, layer_saas_compat, web):
     app.include_router(family.router)
 app.mount("/static", web.static_files(), name="static")
 

@@ -206,3 +206,16 @@ def test_a_failed_task_is_an_error_with_its_reason():
     assert (body["status"], body["error"], body["state"]) == ("error", "CUDA out of memory", "FAILURE")
     cancelled = status_body(job(JobStatus.CANCELLED, finished_at=datetime.now(timezone.utc)), request=None)
     assert (cancelled["status"], cancelled["state"]) == ("error", "REVOKED")
+
+
+def test_health_reports_a_gpu_replicas_memory_in_mebibytes():
+    # No GPU here: the replica's report is built as a GPU replica writes it
+    # (deployments/loading.py health_report).
+    from serve_app.routes.layer_saas_compat import gpu_report
+    from serve_app.schemas import ModelHealth
+
+    gib = 1024**3
+    report = ModelHealth(loaded=True, gpu_name="NVIDIA H100 80GB HBM3",
+                         gpu_memory={"allocated_bytes": 30 * gib, "free_bytes": 40 * gib, "total_bytes": 80 * gib})
+    assert gpu_report([ModelHealth(loaded=True), report]) == {
+        "available": True, "name": "NVIDIA H100 80GB HBM3", "vram_used_mb": 40 * 1024.0, "vram_total_mb": 80 * 1024.0}

@@ -188,3 +188,38 @@ def test_get_without_a_url_is_422_naming_it(client):
 def test_a_url_that_cannot_be_fetched_is_a_detail_error(client, images):
     assert_detail(client.get("/api/remove", params={"url": images.url("/status/503")}), 422, "503")
     assert_detail(client.get("/api/remove", params={"url": f"http://0.0.0.0:{images.port}/image.png"}), 422)
+
+
+# -- the model mapping in the config (no Ray needed)
+
+
+def local_args() -> dict:
+    from tests.conftest import load_config
+
+    return load_config("local.yaml")["applications"][0]["args"]
+
+
+def test_local_yaml_maps_rembgs_birefnet_names_and_bria_rmbg():
+    from serve_app.config import AppConfig
+
+    models = AppConfig.model_validate(local_args()).rembg_models()
+    assert models["birefnet-general"] == models["birefnet-portrait"] == "birefnet"
+    assert models["bria-rmbg"] == "rmbg"
+
+
+def test_a_mapping_to_a_model_not_served_is_a_startup_error():
+    from serve_app.config import AppConfig
+
+    args = local_args()
+    args["compat"]["rembg_models"]["u2net"] = "u2net"
+    with pytest.raises(ValueError, match="'u2net' to 'u2net'"):
+        AppConfig.model_validate(args)
+
+
+def test_without_a_mapping_the_defaults_cover_the_models_served():
+    from serve_app.config import AppConfig
+
+    args = local_args()
+    del args["compat"], args["segmentation"]["rmbg"]
+    models = AppConfig.model_validate(args).rembg_models()
+    assert models["birefnet-general"] == "birefnet" and "bria-rmbg" not in models

@@ -224,7 +224,7 @@ async def layer(task_id: str, layer_name: str, service: Service) -> Response:
                     headers={"Content-Disposition": f'attachment; filename="{layer_name}"'})
 
 
-def _gpu(models: list[Any]) -> dict[str, Any]:
+def gpu_report(models: list[Any]) -> dict[str, Any]:
     """The GPU of the first model replica that reports one, in image-layer-saas's fields."""
     for model in models:
         memory = model.gpu_memory
@@ -249,4 +249,4 @@ async def health(service: Service) -> dict[str, Any]:
         "engine": layer_model.engine,  # Strata's own: qwen-image-layered, or classic (a fallback says so)
     }
     candidates = [m for m in (layer_model, *report.layer_models.values(), *report.models.values()) if m]
-    return {"status": report.status, "model": model, "gpu": _gpu(candidates)}
+    return {"status": report.status, "model": model, "gpu": gpu_report(candidates)}

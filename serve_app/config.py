@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from deployments.decomposition import LayeredModelConfig
 from deployments.segmentation import SegmentationModelConfig
@@ -95,6 +95,54 @@ class UrlInputsConfig(BaseModel):
     )
 
 
+class AuthConfig(BaseModel):
+    """API keys and rate limits (serve_app/access.py). No keys anywhere: the API is open."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    api_keys_file: str | None = Field(
+        None, description="A file of API keys, one per line, optionally `name:key`; `#` starts a comment. "
+                          "Keys in the STRATA_API_KEYS environment variable (comma-separated) count too.",
+    )
+    rate_limit: str | None = Field(
+        None, description="Requests allowed per key (per client address when no keys are set), e.g. `60/minute`, "
+                          "`1000/hour`, `10/second;100/minute`; counted per ingress replica. Unset: no limit.",
+    )
+
+    @field_validator("rate_limit")
+    @classmethod
+    def _parses(cls, value: str | None) -> str | None:
+        if value is not None:
+            from limits import parse_many
+
+            try:
+                parse_many(value)
+            except ValueError as exc:
+                raise ValueError(f"rate_limit {value!r} is not a rate such as '60/minute': {exc}") from None
+        return value
+
+
+class CorsConfig(BaseModel):
+    """Which web pages on other origins may call the API from a browser (CORS). Default: none."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    allow_origins: list[str] = Field(
+        default_factory=list, description="Origins allowed, e.g. `https://app.example.com`; `*` allows any. Empty: CORS off.",
+    )
+    allow_methods: list[str] = Field(default_factory=lambda: ["GET", "POST", "DELETE"])
+    allow_headers: list[str] = Field(
+        default_factory=lambda: ["Authorization", "X-Api-Key", "Content-Type", "Prefer", "X-Request-ID"],
+    )
+    expose_headers: list[str] = Field(
+        default_factory=lambda: ["Location", "Retry-After", "X-Request-ID", "X-Model", "X-Engine", "X-Batch-Size",
+                                 "X-Processing-Ms", "X-Width", "X-Height", "Preference-Applied", "Content-Disposition"],
+        description="Response headers a page's script may read.",
+    )
+    allow_credentials: bool = Field(False, description="Let browsers send cookies (Strata uses none; keys go in headers).")
+    max_age_s: int = Field(600, ge=0, description="How long browsers may cache a preflight answer.")
+
+
 class AppConfig(BaseModel):
     """Everything `serve_app.app:build_app` reads from the config file's `args`."""
 
@@ -113,6 +161,8 @@ class AppConfig(BaseModel):
     limits: UploadLimits = Field(default_factory=UploadLimits)
     compat: CompatConfig = Field(default_factory=CompatConfig)
     url_inputs: UrlInputsConfig = Field(default_factory=UrlInputsConfig)
+    auth: AuthConfig = Field(default_factory=AuthConfig)
+    cors: CorsConfig = Field(default_factory=CorsConfig)
     ingress_num_cpus: float = Field(
         0.5, ge=0, description="CPU share per ingress replica Ray reserves for scheduling."
     )

@@ -10,6 +10,7 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import access
 from serve_app.config import AppConfig
 from serve_app.problems import install_problem_handlers
 from serve_app.routes import (
@@ -21,7 +22,7 @@ from serve_app.routes import (
     removebg_compat,
     web,
 )
-from serve_app.service import StrataService
+from serve_app.service import StrataService, current_service
 
 app = FastAPI(
     title="Strata",
@@ -33,6 +34,12 @@ install_problem_handlers(app)
 for family in (health, background, jobs, rembg_compat, removebg_compat, layer_saas_compat, web):
     app.include_router(family.router)
 app.mount("/static", web.static_files(), name="static")
+# Around every route and mount, routes added later included: keys and rate limits
+# (serve_app/access.py), and outermost CORS, so preflights and 401/429 answers
+# carry its headers too.
+app.add_middleware(access.AccessMiddleware, access=lambda: current_service().access)
+app.add_middleware(access.ConfiguredCORSMiddleware, cors=lambda: current_service().config.cors)
+access.declare_in_openapi(app)
 
 
 @serve.deployment(max_ongoing_requests=128)

@@ -71,14 +71,17 @@ from sqlalchemy import (
     event,
     func,
     insert,
+    inspect,
     literal,
     or_,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects.postgresql import JSONB
 from sqlalchemy.engine import Engine, make_url
 from sqlalchemy.pool import StaticPool
+from sqlalchemy.schema import CreateColumn
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
@@ -362,6 +365,23 @@ class JobStore:
                 # Several replicas starting at once must not race on CREATE TABLE.
                 conn.execute(select(func.pg_advisory_xact_lock(_SCHEMA_LOCK)))
             _metadata.create_all(conn, checkfirst=True)
+            self._add_missing_columns(conn)
+
+    @staticmethod
+    def _add_missing_columns(conn: Connection) -> None:
+        """Bring a table made by an older Strata up to this schema: columns added
+        since (all nullable, e.g. ``owner``) are added empty, with their indexes, so
+        existing stores keep working and keep their jobs."""
+        present = {column["name"] for column in inspect(conn).get_columns(_t.name)}
+        missing = [column for column in _t.columns if column.name not in present]
+        if not missing:
+            return
+        for column in missing:
+            if not column.nullable:
+                raise RuntimeError(f"the job table lacks column {column.name!r}, which cannot be added empty")
+            conn.execute(text(f"ALTER TABLE {_t.name} ADD COLUMN {CreateColumn(column).compile(dialect=conn.dialect)}"))
+        for index in _t.indexes:
+            index.create(conn, checkfirst=True)
 
     def close(self) -> None:
         """Close pooled connections (the store must not be used afterwards)."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 from deployments.decomposition import layer_deployment_name
 from deployments.engine import EngineInfo
 from serve_app import exports, imaging
+from serve_app.access import AccessControl
 from serve_app.config import AppConfig
 from serve_app.jobs import Job, JobStatus, JobStore, QueueFull, new_job_id
 from serve_app.layer_jobs import KIND, LayerJobRunner, input_key, layer_key, manifest_key
@@ -87,8 +89,9 @@ class StrataService:
     """The models, the job runner and the operations routes are made of."""
 
     def __init__(self, config: AppConfig, segmenters: dict[str, DeploymentHandle],
-                 decomposers: dict[str, DeploymentHandle], jobs: LayerJobRunner):
+                 decomposers: dict[str, DeploymentHandle], jobs: LayerJobRunner, access: AccessControl):
         self.config = config
+        self.access = access
         self.segmenters = segmenters
         self.decomposers = decomposers
         self.jobs = jobs
@@ -102,7 +105,8 @@ class StrataService:
     @classmethod
     async def create(cls, config: AppConfig, segmenters: dict[str, DeploymentHandle],
                      decomposers: dict[str, DeploymentHandle]) -> "StrataService":
-        """Open the job store and storage, and start dispatching layer jobs."""
+        """Read the API keys, open the job store and storage, and start dispatching layer jobs."""
+        access = await run_in_threadpool(AccessControl.from_config, config.auth, os.environ)
         jobs = config.jobs
         store = await run_in_threadpool(JobStore, jobs.url)
         storage = LocalStorage(Path(jobs.data_dir).resolve())
@@ -111,7 +115,7 @@ class StrataService:
                                 retention_s=jobs.retention_h * 3600)
         if decomposers:
             runner.start()
-        return cls(config, segmenters, decomposers, runner)
+        return cls(config, segmenters, decomposers, runner, access)
 
     # -- images ----------------------------------------------------------------
 
@@ -211,8 +215,12 @@ class StrataService:
 
     # -- layer jobs --------------------------------------------------------------
 
-    async def submit_layer_job(self, data: bytes, params: LayersParams) -> Job:
-        """Accept a decomposition of `data` as a queued job, or answer 503 when the queue is full."""
+    # Every job operation takes the caller's `owner` (serve_app.access.request_owner):
+    # a key sees only the jobs it created, and another key's job is "not found"
+    # (not "forbidden"), so ids are not confirmed. None (no keys configured): all jobs.
+
+    async def submit_layer_job(self, data: bytes, params: LayersParams, *, owner: str | None) -> Job:
+        """Accept a decomposition of `data` as a queued job of `owner`, or answer 503 when the queue is full."""
         model = self.layer_model_name(params.model)
         image = await run_in_threadpool(self.decode, data)
         job_params = {**params.model_dump(exclude={"image_url"}), "model": model, "width": image.width, "height": image.height}
@@ -223,7 +231,7 @@ class StrataService:
         await run_in_threadpool(storage.put, input_key(job_id), input_png)
         try:
             job = await run_in_threadpool(lambda: store.create(
-                KIND, job_params, max_queued=self.config.jobs.max_queued, job_id=job_id))
+                KIND, job_params, max_queued=self.config.jobs.max_queued, owner=owner, job_id=job_id))
         except QueueFull as exc:
             await run_in_threadpool(storage.delete_prefix, f"jobs/{job_id}")
             raise ProblemError(503, "Busy", f"{exc.queued} layer jobs are queued (the limit is {exc.limit}); "
@@ -244,16 +252,16 @@ class StrataService:
                                f"{', '.join(self.decomposers)}", slug="unknown-model")
         return name
 
-    async def job(self, job_id: str) -> Job:
-        """The job, or a 404."""
+    async def job(self, job_id: str, *, owner: str | None) -> Job:
+        """The job when `owner` may see it, or a 404."""
         job = await run_in_threadpool(self.jobs.store.get, job_id)
-        if job is None:
+        if job is None or (owner is not None and job.owner != owner):
             raise ProblemError(404, "Not found", f"there is no job {job_id}", slug="not-found")
         return job
 
-    async def finished_job(self, job_id: str) -> Job:
-        """The job when it has succeeded (its results exist), or a 404."""
-        job = await self.job(job_id)
+    async def finished_job(self, job_id: str, *, owner: str | None) -> Job:
+        """The job when it has succeeded (its results exist) and `owner` may see it, or a 404."""
+        job = await self.job(job_id, owner=owner)
         if job.status != JobStatus.SUCCEEDED:
             raise ProblemError(404, "Not found", f"job {job_id} is {job.status.value}; results exist once it "
                                "has succeeded", slug="no-result")
@@ -269,18 +277,20 @@ class StrataService:
             await asyncio.wait_for(ended(), wait_s)
         except TimeoutError:
             pass
-        return await self.job(job.id)
+        return await self.job(job.id, owner=job.owner)
 
-    async def list_jobs(self, *, status: str | None, limit: int, cursor: str | None) -> tuple[list[Job], str | None]:
-        """A page of jobs, newest first, and the cursor of the next page."""
+    async def list_jobs(self, *, status: str | None, limit: int, cursor: str | None,
+                        owner: str | None) -> tuple[list[Job], str | None]:
+        """A page of `owner`'s jobs, newest first, and the cursor of the next page."""
         try:
-            return await run_in_threadpool(lambda: self.jobs.store.list(status=status, limit=limit, cursor=cursor))
+            return await run_in_threadpool(
+                lambda: self.jobs.store.list(status=status, limit=limit, cursor=cursor, owner=owner))
         except ValueError as exc:
             raise ProblemError(422, "Invalid parameters", f"cursor: {exc}", slug="invalid-parameters") from exc
 
-    async def cancel_or_delete(self, job_id: str) -> Job | None:
+    async def cancel_or_delete(self, job_id: str, *, owner: str | None) -> Job | None:
         """Ask a queued/running job to stop (the job), or delete a finished one with its files (None)."""
-        job = await self.job(job_id)
+        job = await self.job(job_id, owner=owner)
         if job.terminal:
             await run_in_threadpool(self.jobs.delete_files_and_row, job_id)
             return None
@@ -291,27 +301,27 @@ class StrataService:
 
     # -- job results ---------------------------------------------------------------
 
-    async def layer_png(self, job_id: str, index: int) -> bytes:
+    async def layer_png(self, job_id: str, index: int, *, owner: str | None) -> bytes:
         """Layer `index` (1 = bottom) of a finished job as PNG bytes, or a 404."""
-        job = await self.finished_job(job_id)
+        job = await self.finished_job(job_id, owner=owner)
         if index > len(job.result["layers"]):
             raise ProblemError(404, "Not found", f"job {job_id} has {len(job.result['layers'])} layers",
                                slug="not-found")
         return await run_in_threadpool(self.jobs.storage.get, layer_key(job_id, index))
 
-    async def manifest(self, job_id: str) -> bytes:
+    async def manifest(self, job_id: str, *, owner: str | None) -> bytes:
         """The manifest of a finished job (JSON bytes)."""
-        await self.finished_job(job_id)
+        await self.finished_job(job_id, owner=owner)
         return await run_in_threadpool(self.jobs.storage.get, manifest_key(job_id))
 
-    async def layers_zip(self, job_id: str) -> bytes:
+    async def layers_zip(self, job_id: str, *, owner: str | None) -> bytes:
         """All layers of a finished job and its manifest as one ZIP."""
-        job = await self.finished_job(job_id)
+        job = await self.finished_job(job_id, owner=owner)
         return await run_in_threadpool(self._zip, job)
 
-    async def layers_psd(self, job_id: str) -> bytes:
+    async def layers_psd(self, job_id: str, *, owner: str | None) -> bytes:
         """All layers of a finished job as one PSD, built on first download and kept."""
-        job = await self.finished_job(job_id)
+        job = await self.finished_job(job_id, owner=owner)
         return await run_in_threadpool(self._stored_export, job, "result.psd", exports.layers_psd)
 
     def _zip(self, job: Job) -> bytes:

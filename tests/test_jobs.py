@@ -441,6 +441,31 @@ def test_list_filters_by_status_and_owner(store, clock):
     assert [j.id for j in store.list(status="queued", owner="key-b")[0]] == [d.id]
 
 
+def test_store_made_before_job_owners_gains_the_column_and_keeps_its_jobs(store_url):
+    # The table as a Strata without `owner` made it, holding one job.
+    from sqlalchemy import MetaData, Table, create_engine
+
+    from serve_app.jobs import jobs_table
+
+    old_table = Table(jobs_table.name, MetaData(),
+                      *[column._copy() for column in jobs_table.columns if column.name != "owner"])
+    if store_url.startswith("sqlite"):
+        (Path(store_url.removeprefix("sqlite:///")).parent).mkdir(parents=True, exist_ok=True)
+    engine = create_engine(store_url)
+    old_table.create(engine)
+    with engine.begin() as conn:
+        conn.execute(old_table.insert().values(id="old-job-0000000000001", kind="layers", status="succeeded",
+                                               progress=1.0, created_at=datetime.now(UTC), params={},
+                                               attempts=1, cancel_requested=False))
+    engine.dispose()
+    with JobStore(store_url) as store:
+        old = store.get("old-job-0000000000001")
+        assert old is not None and old.status is JobStatus.SUCCEEDED and old.owner is None
+        mine = store.create("layers", {}, owner="key-a")
+        assert [j.id for j in store.list(owner="key-a")[0]] == [mine.id]
+        assert {j.id for j in store.list()[0]} == {mine.id, old.id}
+
+
 def test_list_refuses_a_malformed_cursor(store):
     with pytest.raises(ValueError):
         store.list(cursor="not-a-cursor!")

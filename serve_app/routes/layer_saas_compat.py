@@ -46,6 +46,7 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from serve_app import exports
+from serve_app.access import request_owner
 from serve_app.jobs import Job, JobStatus
 from serve_app.problems import ProblemError
 from serve_app.routes.detail_errors import DetailErrorRoute, missing_field, validation_error
@@ -61,6 +62,8 @@ class LayerSaasRoute(DetailErrorRoute):
 
 router = APIRouter(route_class=LayerSaasRoute, tags=["image-layer-saas compatible"])
 Service = Annotated[StrataService, Depends(current_service)]
+# Tasks belong to the API key that created them, as Strata's jobs do (serve_app/access.py).
+Owner = Annotated[str | None, Depends(request_owner)]
 
 # inference_preset -> (num_inference_steps, true_cfg_scale), as image-layer-saas sets them.
 PRESETS = {"safe": (16, 2.5), "balanced": (24, 3.0), "quality": (32, 3.5)}
@@ -132,7 +135,7 @@ def _zip_response(data: bytes, filename: str) -> Response:
                        **{name: {"type": "string"} for name in DecomposeForm.model_fields}},
     }}}}},
 )
-async def decompose(request: Request, service: Service) -> Response:
+async def decompose(request: Request, service: Service, owner: Owner) -> Response:
     service.layer_model_name(None)  # a deployment without layer models says so before the upload
     form = await read_form(request, service.config.limits.max_upload_bytes)
     upload = form.files.get("image")
@@ -142,13 +145,13 @@ async def decompose(request: Request, service: Service) -> Response:
         fields = DecomposeForm.model_validate(form.fields)
     except ValidationError as exc:
         raise validation_error(exc, {name: "body" for name in form.fields}) from exc
-    job = await service.submit_layer_job(upload.data, fields.layers_params())
+    job = await service.submit_layer_job(upload.data, fields.layers_params(), owner=owner)
     if request.headers.get("x-async-only", "").strip().lower() in _TRUTHY:
         return _accepted(request, job)
     job = await service.wait_for_end(job, service.config.jobs.max_wait_s)
     if job.status == JobStatus.SUCCEEDED:
         stem = PurePosixPath(upload.filename or "").stem or "image"
-        return _zip_response(await service.layers_zip(job.id), f"{stem}_layers.zip")
+        return _zip_response(await service.layers_zip(job.id, owner=owner), f"{stem}_layers.zip")
     if job.terminal:
         return JSONResponse({"detail": job.error or f"the task was {job.status.value}"}, status_code=500)
     return _accepted(request, job)
@@ -189,16 +192,16 @@ def status_body(job: Job, request: Request) -> dict[str, Any]:
 
 
 @router.get("/api/status/{task_id}", name="layer_saas_status", summary="image-layer-saas: a task's state")
-async def task_status(task_id: str, request: Request, service: Service) -> dict[str, Any]:
-    return status_body(await service.job(task_id), request)
+async def task_status(task_id: str, request: Request, service: Service, owner: Owner) -> dict[str, Any]:
+    return status_body(await service.job(task_id, owner=owner), request)
 
 
 @router.get("/api/download/{task_id}", name="layer_saas_download", response_class=Response,
             summary="image-layer-saas: all layers as a ZIP",
             responses={200: {"content": {"application/zip": {}}}})
-async def download(task_id: str, service: Service) -> Response:
+async def download(task_id: str, service: Service, owner: Owner) -> Response:
     try:
-        data = await service.layers_zip(task_id)
+        data = await service.layers_zip(task_id, owner=owner)
     except ProblemError as exc:
         if exc.status == 404:
             raise ProblemError(404, exc.title, "Result ZIP is not available for this task") from exc
@@ -208,14 +211,14 @@ async def download(task_id: str, service: Service) -> Response:
 
 @router.get("/api/layer/{task_id}/{layer_name}", name="layer_saas_layer", response_class=Response,
             summary="image-layer-saas: one layer PNG", responses={200: {"content": {"image/png": {}}}})
-async def layer(task_id: str, layer_name: str, service: Service) -> Response:
+async def layer(task_id: str, layer_name: str, service: Service, owner: Owner) -> Response:
     if PurePosixPath(layer_name).name != layer_name or not layer_name.lower().endswith(".png"):
         raise ProblemError(400, "Invalid layer", "Invalid layer file name")
     match = _LAYER_FILE.match(layer_name)
     try:
         if match is None or int(match.group(1)) < 1:
             raise ProblemError(404, "Not found", "Layer file not found")
-        data = await service.layer_png(task_id, int(match.group(1)))
+        data = await service.layer_png(task_id, int(match.group(1)), owner=owner)
     except ProblemError as exc:
         if exc.status == 404:
             raise ProblemError(404, exc.title, "Layer file not found") from exc

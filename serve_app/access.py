@@ -1,0 +1,254 @@
+"""Who may call the API: optional API keys, per-key rate limits, and CORS.
+
+With no key configured the API is open, as a service on 127.0.0.1 is. With keys
+(the `STRATA_API_KEYS` environment variable, comma-separated, and/or the file
+`auth.api_keys_file`, one per line; either form may be `name:key`) every request
+must carry one, as `Authorization: Bearer <key>` or `X-Api-Key: <key>` (the
+latter wins when both are sent), except on the open paths: the web page (`/`,
+`/static/...`), liveness (`/healthz`) and the API reference (`/docs`, `/redoc`,
+`/openapi.json`).
+
+`AccessMiddleware` wraps the whole app, so every route family (Strata's own and
+the compatible APIs) is covered without declaring anything, and unknown paths
+answer 401 too rather than telling a stranger what exists. It records who called
+in the request's state (`request_owner`): a key id, never the key -- `name:<name>`
+for a named key (so a renamed-in-place rotation keeps its jobs), else
+`key:<first 16 hex of its SHA-256>`. Jobs are stored under that id and a key sees
+only its own. Keys are compared in constant time (digests, every key checked)
+and never logged or echoed.
+
+Rate limits (`auth.rate_limit`, e.g. `60/minute`) count requests per key (per
+client address when no keys are set) in memory, per ingress replica: with N
+replicas a key may make up to N times the rate. Past it: 429 with `Retry-After`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import math
+import os
+import re
+import time
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from limits import RateLimitItem, parse_many
+from limits.storage import MemoryStorage
+from limits.strategies import MovingWindowRateLimiter
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import Request
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from serve_app.config import AuthConfig, CorsConfig
+from serve_app.problems import problem_response
+
+__all__ = ["AccessControl", "AccessMiddleware", "ConfiguredCORSMiddleware", "ENV_VAR", "is_open_path",
+           "request_owner"]
+
+ENV_VAR = "STRATA_API_KEYS"
+OPEN_PATHS = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
+OPEN_PREFIXES = ("/static/",)
+_NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+_STATE_KEY = "strata_owner"
+
+
+def is_open_path(path: str) -> bool:
+    """Whether `path` is served without a key (the page, liveness, the API reference).
+    A path with `.`/`..` segments is never open, however it starts."""
+    if any(part in (".", "..") for part in path.split("/")):
+        return False
+    return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
+def request_owner(request: Request) -> str | None:
+    """The key id of the request's caller; None when the API is open (no keys
+    configured): then every job is everyone's. A FastAPI dependency."""
+    return request.scope.get("state", {}).get(_STATE_KEY)
+
+
+@dataclass(frozen=True)
+class _Key:
+    key_id: str
+    digest: bytes
+
+
+def _digest(key: str) -> bytes:
+    return hashlib.sha256(key.encode()).digest()
+
+
+def parse_keys(entries: Iterable[str], source: str) -> list[_Key]:
+    """Keys from `entries` (`key` or `name:key`; blank entries and `#` comments
+    skipped); ValueError naming `source` for a malformed one, without the key."""
+    keys = []
+    for number, raw in enumerate(entries, 1):
+        entry = raw.strip()
+        if not entry or entry.startswith("#"):
+            continue
+        name, separator, key = entry.partition(":")
+        if not separator:
+            name, key = "", entry
+        if not key or any(c.isspace() for c in key):
+            raise ValueError(f"{source}, entry {number}: a key must be non-empty and hold no spaces")
+        if separator and not _NAME.fullmatch(name):
+            raise ValueError(f"{source}, entry {number}: a key name is 1-64 letters, digits, '_', '.', '-'")
+        key_id = f"name:{name}" if separator else f"key:{_digest(key).hex()[:16]}"
+        keys.append(_Key(key_id, _digest(key)))
+    return keys
+
+
+class AccessControl:
+    """The keys and rate limits of one ingress replica."""
+
+    def __init__(self, keys: list[_Key], rate_limit: str | None = None):
+        self._keys = keys
+        self._limits: list[RateLimitItem] = parse_many(rate_limit) if rate_limit else []
+        self._limiter = MovingWindowRateLimiter(MemoryStorage()) if self._limits else None
+
+    @classmethod
+    def from_config(cls, auth: AuthConfig, environ: Mapping[str, str] = os.environ) -> AccessControl:
+        """Keys from `environ[STRATA_API_KEYS]` and `auth.api_keys_file`; a file that
+        cannot be read or a malformed key is a startup error."""
+        keys = parse_keys(environ.get(ENV_VAR, "").split(","), f"${ENV_VAR}")
+        if auth.api_keys_file:
+            path = Path(auth.api_keys_file).expanduser()
+            keys += parse_keys(path.read_text().splitlines(), str(path))
+        return cls(keys, auth.rate_limit)
+
+    @property
+    def keys_required(self) -> bool:
+        return bool(self._keys)
+
+    def identify(self, presented: str | None) -> str | None:
+        """The key id of `presented`, or None when it is no configured key."""
+        if presented is None:
+            return None
+        digest, found = _digest(presented), None
+        for key in self._keys:  # every key compared: the time says nothing about which matched
+            if hmac.compare_digest(digest, key.digest):
+                found = key.key_id
+        return found
+
+    def retry_after(self, who: str) -> int | None:
+        """Count a request of `who`: None when it is within the rate limit, else the
+        seconds until it would be."""
+        if self._limiter is None:
+            return None
+        refused = [item for item in self._limits if not self._limiter.hit(item, who)]
+        if not refused:
+            return None
+        resets = [self._limiter.get_window_stats(item, who).reset_time for item in refused]
+        return max(1, math.ceil(max(resets) - time.time()))
+
+    def describe_limit(self) -> str:
+        """The configured rate, in words ("60 per 1 minute")."""
+        return " and ".join(str(item) for item in self._limits)
+
+
+def _presented_key(scope: Scope) -> str | None:
+    headers = dict((name.lower(), value) for name, value in scope.get("headers", ()))
+    api_key = headers.get(b"x-api-key")
+    if api_key is not None:
+        return api_key.decode("latin-1").strip()
+    authorization = headers.get(b"authorization", b"").decode("latin-1")
+    scheme, _, credentials = authorization.strip().partition(" ")
+    if scheme.lower() == "bearer" and credentials.strip():
+        return credentials.strip()
+    return None
+
+
+class AccessMiddleware:
+    """Checks the key and the rate of every request outside the open paths (ASGI)."""
+
+    def __init__(self, app: ASGIApp, access: Callable[[], AccessControl]):
+        self.app = app
+        self._access = access  # looked up per request: the replica's config arrives after import
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or is_open_path(scope["path"]):
+            await self.app(scope, receive, send)
+            return
+        access = self._access()
+        if access.keys_required:
+            who = access.identify(_presented_key(scope))
+            if who is None:
+                await self._unauthorized(scope, receive, send, missing=_presented_key(scope) is None)
+                return
+            scope.setdefault("state", {})[_STATE_KEY] = who
+        else:
+            client = scope.get("client")
+            who = f"address:{client[0] if client else 'unknown'}"
+        retry_after = access.retry_after(who)
+        if retry_after is not None:
+            response = problem_response(
+                Request(scope), 429, "Too many requests",
+                f"the rate limit of {access.describe_limit()} is used up; retry in {retry_after} s",
+                slug="rate-limited", headers={"Retry-After": str(retry_after)})
+            await response(scope, receive, send)
+            return
+        await self.app(scope, receive, send)
+
+    @staticmethod
+    async def _unauthorized(scope: Scope, receive: Receive, send: Send, *, missing: bool) -> None:
+        detail = ("this service needs an API key: send it as 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'"
+                  if missing else "the API key is not valid here")
+        response = problem_response(Request(scope), 401, "Unauthorized", detail, slug="unauthorized",
+                                    headers={"WWW-Authenticate": 'Bearer realm="strata"'})
+        await response(scope, receive, send)
+
+
+class ConfiguredCORSMiddleware:
+    """Starlette's CORSMiddleware with the replica's `cors` config, built on the first
+    request (the config arrives after the app is imported); no origins: no CORS."""
+
+    def __init__(self, app: ASGIApp, cors: Callable[[], CorsConfig]):
+        self.app = app
+        self._cors = cors
+        self._handler: ASGIApp | None = None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        if self._handler is None:
+            config = self._cors()
+            self._handler = self.app if not config.allow_origins else CORSMiddleware(
+                self.app, allow_origins=config.allow_origins, allow_methods=config.allow_methods,
+                allow_headers=config.allow_headers, expose_headers=config.expose_headers,
+                allow_credentials=config.allow_credentials, max_age=config.max_age_s)
+        await self._handler(scope, receive, send)
+
+
+SECURITY_SCHEMES = {
+    "ApiKey": {"type": "apiKey", "in": "header", "name": "X-Api-Key"},
+    "Bearer": {"type": "http", "scheme": "bearer"},
+}
+
+
+def declare_in_openapi(app) -> None:
+    """Make `app.openapi()` say which operations take a key (all but the open paths)
+    and that they may answer 401 and 429. Keys are optional per deployment; the
+    declaration says what is accepted where they are required."""
+    build = app.openapi
+
+    def openapi() -> dict:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = build()
+        schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
+        problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        for path, operations in schema.get("paths", {}).items():
+            if is_open_path(path):
+                continue
+            for operation in operations.values():
+                operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
+                responses = operation.setdefault("responses", {})
+                responses.setdefault("401", {"description": "No valid API key (where keys are configured)",
+                                             "content": problem})
+                responses.setdefault("429", {"description": "Rate limit used up: retry after Retry-After seconds",
+                                             "content": problem})
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi

@@ -1,0 +1,114 @@
+"""API keys, rate limits and open paths (serve_app/access.py), without Ray.
+
+The middleware runs here around a small Starlette app through Starlette's
+TestClient (real ASGI); tests/test_access_api.py runs it in the real service.
+"""
+
+from __future__ import annotations
+
+import pytest
+from starlette.applications import Starlette
+from starlette.responses import PlainTextResponse
+from starlette.routing import Route
+from starlette.testclient import TestClient
+
+from serve_app.access import AccessControl, AccessMiddleware, is_open_path, parse_keys, request_owner
+from serve_app.config import AppConfig, AuthConfig
+
+
+def app_with(access: AccessControl) -> TestClient:
+    async def whoami(request):
+        return PlainTextResponse(str(request_owner(request)))
+
+    app = Starlette(routes=[Route("/v1/whoami", whoami), Route("/healthz", whoami)])
+    app.add_middleware(AccessMiddleware, access=lambda: access)
+    return TestClient(app)
+
+
+def test_keys_come_from_the_environment_and_the_file_together(tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# team keys\nalice:alice-secret-1\n\nbob-secret-2\n")
+    access = AccessControl.from_config(AuthConfig(api_keys_file=str(keys_file)),
+                                       {"STRATA_API_KEYS": "carol:carol-secret-3, dave-secret-4"})
+    assert access.identify("alice-secret-1") == "name:alice"
+    assert access.identify("carol-secret-3") == "name:carol"
+    assert access.identify("bob-secret-2").startswith("key:")
+    assert access.identify("dave-secret-4").startswith("key:")
+    assert access.identify("nobody") is None and access.identify(None) is None
+
+
+def test_key_id_of_an_unnamed_key_is_a_digest_not_the_key():
+    [key] = parse_keys(["sk-very-secret-value"], "test")
+    assert key.key_id.startswith("key:") and "secret" not in key.key_id and len(key.key_id) == 20
+
+
+def test_no_keys_means_the_api_is_open():
+    access = AccessControl.from_config(AuthConfig(), {})
+    assert not access.keys_required
+    assert app_with(access).get("/v1/whoami").text == "None"
+
+
+def test_malformed_key_entry_is_a_startup_error_that_does_not_show_the_key():
+    with pytest.raises(ValueError) as raised:
+        parse_keys(["alice:has a-space-secret"], "keys.txt")
+    assert "keys.txt, entry 1" in str(raised.value) and "space-secret" not in str(raised.value)
+
+
+def test_missing_keys_file_is_a_startup_error(tmp_path):
+    with pytest.raises(FileNotFoundError):
+        AccessControl.from_config(AuthConfig(api_keys_file=str(tmp_path / "absent")), {})
+
+
+def test_unparseable_rate_limit_is_a_config_error():
+    with pytest.raises(ValueError, match="rate_limit"):
+        AppConfig.model_validate({"segmentation": {"c": {"engine": "classic"}}, "default_model": "c",
+                                  "auth": {"rate_limit": "lots"}})
+
+
+@pytest.mark.parametrize("path", ["/", "/healthz", "/docs", "/openapi.json", "/static/app.js", "/redoc"])
+def test_open_paths(path):
+    assert is_open_path(path)
+
+
+@pytest.mark.parametrize("path", ["/v1/jobs", "/v1/health", "/static/../v1/jobs", "/static/./x/../../data/jobs.db",
+                                  "/healthz/../v1/jobs", "//v1/jobs", "/Static/app.js", "/docs/../v1/jobs",
+                                  "/v1/remove-background", "/nothing-here"])
+def test_paths_that_need_a_key(path):
+    assert not is_open_path(path)
+
+
+def test_caller_is_recorded_by_key_id():
+    client = app_with(AccessControl(parse_keys(["alice:k-alice"], "test")))
+    assert client.get("/v1/whoami", headers={"X-Api-Key": "k-alice"}).text == "name:alice"
+
+
+def test_bearer_scheme_is_case_insensitive():
+    client = app_with(AccessControl(parse_keys(["alice:k-alice"], "test")))
+    assert client.get("/v1/whoami", headers={"Authorization": "bearer k-alice"}).status_code == 200
+
+
+def test_x_api_key_wins_over_authorization():
+    client = app_with(AccessControl(parse_keys(["alice:k-alice"], "test")))
+    response = client.get("/v1/whoami", headers={"X-Api-Key": "wrong", "Authorization": "Bearer k-alice"})
+    assert response.status_code == 401
+
+
+def test_basic_authorization_is_not_a_key():
+    client = app_with(AccessControl(parse_keys(["alice:k-alice"], "test")))
+    assert client.get("/v1/whoami", headers={"Authorization": "Basic k-alice"}).status_code == 401
+
+
+def test_without_keys_the_rate_limit_counts_per_client_address():
+    client = app_with(AccessControl([], "3/minute"))
+    assert [client.get("/v1/whoami").status_code for _ in range(4)] == [200, 200, 200, 429]
+
+
+def test_open_paths_are_not_rate_limited():
+    client = app_with(AccessControl([], "1/minute"))
+    assert [client.get("/healthz").status_code for _ in range(3)] == [200, 200, 200]
+
+
+def test_every_configured_rate_applies():
+    client = app_with(AccessControl(parse_keys(["k"], "test"), "100/day;2/hour"))
+    codes = [client.get("/v1/whoami", headers={"X-Api-Key": "k"}).status_code for _ in range(3)]
+    assert codes == [200, 200, 429]  # the hourly rate is spent though the daily one is not

@@ -257,3 +257,51 @@ def test_an_image_url_that_fails_is_failed_image_download(client, images):
 
 def test_an_image_url_that_is_not_a_url_is_invalid_image_url(client):
     assert_error(removebg(client, image_url="not a url"), "invalid_image_url")
+
+
+# -- API keys (serve_app/access.py) on these routes, without Ray: the middleware
+# runs around a small app with the ingress's own refusal shapes.
+
+
+def secured_app():
+    from starlette.applications import Starlette
+    from starlette.responses import PlainTextResponse
+    from starlette.routing import Route
+    from starlette.testclient import TestClient
+
+    from serve_app.access import AccessControl, AccessMiddleware, parse_keys
+    from serve_app.ingress import COMPAT_REFUSALS
+
+    async def ok(request):
+        return PlainTextResponse("ok")
+
+    access = AccessControl(parse_keys(["the-right-key"], "test"), rate_limit="2/minute")
+    app = Starlette(routes=[Route("/v1.0/removebg", ok, methods=["POST"]), Route("/api/remove", ok, methods=["POST"])])
+    app.add_middleware(AccessMiddleware, access=lambda: access, refusals=COMPAT_REFUSALS)
+    return TestClient(app)
+
+
+def test_without_a_key_remove_bg_answers_403_missing_api_key():
+    response = secured_app().post("/v1.0/removebg")
+    assert response.status_code == 403 and response.json()["errors"][0]["title"] == "Missing API Key"
+
+
+def test_a_wrong_key_is_403_invalid_api_key_and_the_right_one_passes():
+    app = secured_app()
+    wrong = app.post("/v1.0/removebg", headers={"X-Api-Key": "nope"})
+    assert wrong.status_code == 403 and wrong.json()["errors"][0]["title"] == "Invalid API Key"
+    assert app.post("/v1.0/removebg", headers={"X-Api-Key": "the-right-key"}).text == "ok"
+
+
+def test_past_the_rate_limit_remove_bg_answers_429_with_retry_after():
+    app = secured_app()
+    for _ in range(2):
+        assert app.post("/v1.0/removebg", headers={"X-Api-Key": "the-right-key"}).status_code == 200
+    response = app.post("/v1.0/removebg", headers={"X-Api-Key": "the-right-key"})
+    assert response.status_code == 429 and int(response.headers["retry-after"]) >= 1
+    assert response.json()["errors"][0]["title"] == "Rate limit exceeded"
+
+
+def test_rembg_routes_refuse_in_fastapis_detail_shape():
+    response = secured_app().post("/api/remove")
+    assert response.status_code == 401 and "API key" in response.json()["detail"]

@@ -64,3 +64,9 @@ def missing_field(name: str, source: str = "body") -> RequestValidationError:
     """FastAPI's error for a required field the request lacks."""
     return RequestValidationError([{"type": "missing", "loc": (source, name), "msg": "Field required",
                                     "input": None}])
+
+
+def refusal(request: Request, status: int, title: str, detail: str, headers: dict[str, str]) -> Response:
+    """Access refused (401: no valid key, 429: rate limit) as `{"detail": ...}`
+    (serve_app/access.py calls it for the paths of these APIs)."""
+    return JSONResponse({"detail": detail}, status_code=status, headers=headers)

@@ -104,6 +104,19 @@ def _from_problem(exc: ProblemError) -> JSONResponse:
     return errors_response(status, [{"title": title, "code": code, "detail": exc.detail}], exc.headers)
 
 
+def refusal(request: Request, status: int, title: str, detail: str, headers: dict[str, str]) -> Response:
+    """Access refused as remove.bg refuses it (serve_app/access.py calls this for
+    /v1.0/): no valid `X-Api-Key` is 403 "Missing API Key" (or "Invalid API
+    Key"), a used-up rate limit 429 "Rate limit exceeded" with `Retry-After`."""
+    if status == 401:
+        presented = request.headers.get("x-api-key") or request.headers.get("authorization")
+        title = "Invalid API Key" if presented else "Missing API Key"
+        return errors_response(403, [{"title": title, "detail": detail}])
+    if status == 429:
+        return errors_response(429, [{"title": "Rate limit exceeded", "detail": detail}], headers)
+    return errors_response(status, [{"title": title, "detail": detail}], headers)
+
+
 class RemoveBgErrorRoute(APIRoute):
     """An APIRoute whose errors are remove.bg's `{"errors": [...]}` bodies."""
 

@@ -305,3 +305,14 @@ def test_past_the_rate_limit_remove_bg_answers_429_with_retry_after():
 def test_rembg_routes_refuse_in_fastapis_detail_shape():
     response = secured_app().post("/api/remove")
     assert response.status_code == 401 and "API key" in response.json()["detail"]
+
+
+def test_the_removebg_python_clients_default_fields_are_accepted(client):
+    # What `removebg` (PyPI) sends for remove_background_from_img_file(path) with its defaults.
+    data, disc = red_disc_png()
+    response = removebg(client, data, size="regular", type="auto", type_level="none", format="auto",
+                        roi="0 0 100% 100%", crop="false", scale="original", position="original",
+                        channels="rgba", add_shadow="false", semitransparency="true")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png" and "x-type" not in response.headers
+    assert iou(np.asarray(open_image(response.content))[..., 3] >= 128, disc) >= 0.9

@@ -52,7 +52,9 @@ ENV_VAR = "STRATA_API_KEYS"
 OPEN_PATHS = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 OPEN_PREFIXES = ("/static/",)
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
-_STATE_KEY = "strata_owner"
+# The caller's key id travels in the request's own ASGI scope (never a dict that
+# requests could share, such as the lifespan state).
+_OWNER_SCOPE_KEY = "strata.owner"
 
 
 def is_open_path(path: str) -> bool:
@@ -66,7 +68,7 @@ def is_open_path(path: str) -> bool:
 def request_owner(request: Request) -> str | None:
     """The key id of the request's caller; None when the API is open (no keys
     configured): then every job is everyone's. A FastAPI dependency."""
-    return request.scope.get("state", {}).get(_STATE_KEY)
+    return request.scope.get(_OWNER_SCOPE_KEY)
 
 
 @dataclass(frozen=True)
@@ -183,11 +185,12 @@ class AccessMiddleware:
             return
         access = self._access()
         if access.keys_required:
-            who = access.identify(_presented_key(scope))
+            presented = _presented_key(scope)
+            who = access.identify(presented)
             if who is None:
-                await self._unauthorized(scope, receive, send, missing=_presented_key(scope) is None)
+                await self._unauthorized(scope, receive, send, missing=presented is None)
                 return
-            scope.setdefault("state", {})[_STATE_KEY] = who
+            scope[_OWNER_SCOPE_KEY] = who
         else:
             client = scope.get("client")
             who = f"address:{client[0] if client else 'unknown'}"

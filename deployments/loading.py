@@ -50,7 +50,16 @@ def health_report(engine: Any, weights: str | None, fallback_reason: str | None)
         "loaded": True,
         "fallback_reason": fallback_reason,
         "gpu_memory": _gpu_memory(info.device),
+        "gpu_name": _gpu_name(info.device),
     }
+
+
+def _gpu_name(device: str) -> str | None:
+    if not device.startswith("cuda"):
+        return None
+    import torch
+
+    return torch.cuda.get_device_name(torch.device(device))
 
 
 def _gpu_memory(device: str) -> dict[str, int] | None:

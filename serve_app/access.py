@@ -39,6 +39,7 @@ from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
+from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serve_app.config import AuthConfig, CorsConfig
@@ -160,12 +161,23 @@ def _presented_key(scope: Scope) -> str | None:
     return None
 
 
-class AccessMiddleware:
-    """Checks the key and the rate of every request outside the open paths (ASGI)."""
+# How an API words a refusal (401: no valid key, 429: rate limit used up):
+# (request, status, title, detail, headers) -> the response.
+Refusal = Callable[[Request, int, str, str, dict[str, str]], Response]
 
-    def __init__(self, app: ASGIApp, access: Callable[[], AccessControl]):
+
+class AccessMiddleware:
+    """Checks the key and the rate of every request outside the open paths (ASGI).
+
+    Refusals are problem+json, except under the path prefixes of `refusals`: the
+    compatible APIs (serve_app/routes/*_compat.py) answer in their own error shapes.
+    """
+
+    def __init__(self, app: ASGIApp, access: Callable[[], AccessControl],
+                 refusals: Mapping[str, Refusal] | None = None):
         self.app = app
         self._access = access  # looked up per request: the replica's config arrives after import
+        self._refusals = dict(refusals or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or is_open_path(scope["path"]):
@@ -184,21 +196,28 @@ class AccessMiddleware:
             who = f"address:{client[0] if client else 'unknown'}"
         retry_after = access.retry_after(who)
         if retry_after is not None:
-            response = problem_response(
-                Request(scope), 429, "Too many requests",
+            response = self._refusal(
+                scope, 429, "Too many requests",
                 f"the rate limit of {access.describe_limit()} is used up; retry in {retry_after} s",
                 slug="rate-limited", headers={"Retry-After": str(retry_after)})
             await response(scope, receive, send)
             return
         await self.app(scope, receive, send)
 
-    @staticmethod
-    async def _unauthorized(scope: Scope, receive: Receive, send: Send, *, missing: bool) -> None:
+    async def _unauthorized(self, scope: Scope, receive: Receive, send: Send, *, missing: bool) -> None:
         detail = ("this service needs an API key: send it as 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'"
                   if missing else "the API key is not valid here")
-        response = problem_response(Request(scope), 401, "Unauthorized", detail, slug="unauthorized",
-                                    headers={"WWW-Authenticate": 'Bearer realm="strata"'})
+        response = self._refusal(scope, 401, "Unauthorized", detail, slug="unauthorized",
+                                 headers={"WWW-Authenticate": 'Bearer realm="strata"'})
         await response(scope, receive, send)
+
+    def _refusal(self, scope: Scope, status: int, title: str, detail: str, *, slug: str,
+                 headers: dict[str, str]) -> Response:
+        request = Request(scope)
+        for prefix, refusal in self._refusals.items():
+            if scope["path"].startswith(prefix):
+                return refusal(request, status, title, detail, headers)
+        return problem_response(request, status, title, detail, slug=slug, headers=headers)
 
 
 class ConfiguredCORSMiddleware:

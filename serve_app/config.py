@@ -86,6 +86,34 @@ class JobsConfig(BaseModel):
         return self.store_url or f"sqlite:///{Path(self.data_dir).resolve() / 'jobs.db'}"
 
 
+# rembg's model names (rembg/sessions/*.py `name()`) that Strata can answer, and the
+# served model each maps to by default: every BiRefNet checkpoint rembg offers to
+# the BiRefNet deployment, BRIA's RMBG to RMBG-2.0 (the same architecture).
+DEFAULT_REMBG_MODELS = {
+    "birefnet-general": "birefnet",
+    "birefnet-general-lite": "birefnet",
+    "birefnet-portrait": "birefnet",
+    "birefnet-dis": "birefnet",
+    "birefnet-hrsod": "birefnet",
+    "birefnet-cod": "birefnet",
+    "birefnet-massive": "birefnet",
+    "bria-rmbg": "rmbg",
+}
+
+
+class CompatConfig(BaseModel):
+    """The routes that answer other projects' APIs (rembg, remove.bg, image-layer-saas)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    rembg_models: dict[str, str] = Field(
+        default_factory=lambda: dict(DEFAULT_REMBG_MODELS),
+        description="rembg model name (`/api/remove?model=`) -> served segmentation model. "
+                    "Left unset, names whose model is not served are simply unavailable; "
+                    "set, every target must be served.",
+    )
+
+
 class UrlInputsConfig(BaseModel):
     """Images fetched from a URL the client names (`image_url`): the limits of that fetch."""
 
@@ -167,6 +195,7 @@ class AppConfig(BaseModel):
     default_layer_model: str | None = Field(None, description="The layer model used when a job names none.")
     jobs: JobsConfig = Field(default_factory=JobsConfig)
     limits: UploadLimits = Field(default_factory=UploadLimits)
+    compat: CompatConfig = Field(default_factory=CompatConfig)
     url_inputs: UrlInputsConfig = Field(default_factory=UrlInputsConfig)
     auth: AuthConfig = Field(default_factory=AuthConfig)
     cors: CorsConfig = Field(default_factory=CorsConfig)
@@ -182,7 +211,7 @@ class AppConfig(BaseModel):
         return self.url_inputs.max_bytes or self.limits.max_upload_bytes
 
     @model_validator(mode="after")
-    def _default_model_is_served(self) -> "AppConfig":
+    def _models_are_served(self) -> "AppConfig":
         if not self.segmentation:
             raise ValueError("segmentation must name at least one model")
         if self.default_model not in self.segmentation:
@@ -195,4 +224,16 @@ class AppConfig(BaseModel):
                 f"default_layer_model {self.default_layer_model!r} is not one of the layered models "
                 f"({', '.join(self.layered)})"
             )
+        if "rembg_models" in self.compat.model_fields_set:
+            unserved = {name: model for name, model in self.compat.rembg_models.items()
+                        if model not in self.segmentation}
+            if unserved:
+                raise ValueError(
+                    f"compat.rembg_models maps {', '.join(f'{k!r} to {v!r}' for k, v in unserved.items())}, "
+                    f"which is not a segmentation model ({', '.join(self.segmentation)})"
+                )
         return self
+
+    def rembg_models(self) -> dict[str, str]:
+        """rembg model name -> served model, for the names whose model is served here."""
+        return {name: model for name, model in self.compat.rembg_models.items() if model in self.segmentation}

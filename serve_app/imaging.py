@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import io
 import string
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -38,11 +39,15 @@ __all__ = [
     "compose",
     "crop",
     "crop_box",
+    "cutout_pixels",
     "decode_image",
+    "downscale_to_pixels",
+    "encode_jpeg",
     "encode_png",
     "encode_webp",
     "model_input_size",
     "parse_hex_color",
+    "post_process_mask",
     "refine_foreground",
     "render_cutout",
     "resize_image",
@@ -395,6 +400,21 @@ def resize_mask(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:
     return cv2.resize(mask, (w, h), interpolation=cv2.INTER_LINEAR)
 
 
+
+def downscale_to_pixels(image: DecodedImage, max_pixels: int) -> DecodedImage:
+    """The image shrunk, aspect kept, to at most ``max_pixels`` pixels; itself when it fits."""
+    if max_pixels < 1:
+        raise ValueError(f"max_pixels must be positive, got {max_pixels}")
+    pixels = image.width * image.height
+    if pixels <= max_pixels:
+        return image
+    scale = (max_pixels / pixels) ** 0.5
+    size = (max(1, int(image.width * scale)), max(1, int(image.height * scale)))
+    alpha = None if image.alpha is None else resize_image(image.alpha, size)
+    return DecodedImage(rgb=resize_image(image.rgb, size), alpha=alpha, format=image.format,
+                        width=size[0], height=size[1])
+
+
 # --------------------------------------------------------------------------- foreground colour
 
 _EPS = 1e-5
@@ -516,19 +536,26 @@ def _check_pair(rgb: np.ndarray, alpha: np.ndarray) -> tuple[np.ndarray, np.ndar
     return rgb, alpha
 
 
+# A background colour: (r, g, b) paints an opaque background; (r, g, b, a) one
+# with its own opacity a (0-255), so the result keeps an alpha channel.
+Color = tuple[int, int, int] | tuple[int, int, int, int]
+
+
 def compose(
     rgb: np.ndarray,
     alpha: np.ndarray,
     *,
-    bg_color: tuple[int, int, int] | None = None,
+    bg_color: Color | None = None,
     refine: bool = False,
 ) -> np.ndarray:
-    """Put ``alpha`` on ``rgb``: HxWx4 RGBA, or HxWx3 RGB composited over ``bg_color``.
+    """Put ``alpha`` on ``rgb``: HxWx4 RGBA, or the cutout composited over ``bg_color``.
 
     ``refine`` first replaces the colours by :func:`refine_foreground`'s estimate.
     In the RGBA result, fully transparent pixels are stored as (0, 0, 0, 0): they
     look the same, the file gets much smaller and faster to write, and the
     removed background does not ride along hidden in the colour channels.
+    An (r, g, b) ``bg_color`` gives HxWx3 RGB; an (r, g, b, a) one gives HxWx4
+    RGBA, the cutout laid over a background of opacity a ("over" compositing).
     """
     rgb, alpha = _check_pair(rgb, alpha)
     fg = refine_foreground(rgb, alpha) if refine else rgb
@@ -538,17 +565,45 @@ def compose(
         rgba = cv2.cvtColor(cv2.copyTo(fg, alpha), cv2.COLOR_RGB2RGBA)
         rgba[..., 3] = alpha
         return rgba
+    color = _color_tuple(bg_color)
+    if len(color) == 4:
+        return _over_translucent(fg, alpha, color)
     background = np.empty_like(fg)
-    background[:] = _color_tuple(bg_color)
+    background[:] = color
     weight = np.multiply(alpha, np.float32(1 / 255), dtype=np.float32)
     # Rounded fg * a + bg * (1 - a); exact at alpha 0 and 255.
     return cv2.blendLinear(fg, background, weight, 1.0 - weight)
 
 
-def _color_tuple(color: tuple[int, int, int]) -> tuple[int, int, int]:
-    if len(color) != 3 or not all(isinstance(c, (int, np.integer)) and 0 <= c <= 255 for c in color):
-        raise ValueError(f"bg_color must be three integers 0-255, got {color!r}")
-    return int(color[0]), int(color[1]), int(color[2])
+def _over_translucent(fg: np.ndarray, alpha: np.ndarray, color: tuple[int, int, int, int]) -> np.ndarray:
+    """RGBA of ``fg`` (opacity ``alpha``) over a plain background of opacity color[3]."""
+    a = np.multiply(alpha, np.float32(1 / 255), dtype=np.float32)[..., None]
+    b = np.float32(color[3] / 255)
+    below = b * (1 - a)  # the background's share of each pixel
+    out_a = a + below
+    safe = np.maximum(out_a, np.float32(1e-6))
+    colour = (fg * (a / safe) + np.asarray(color[:3], np.float32) * (below / safe))
+    rgba = np.empty(fg.shape[:2] + (4,), np.uint8)
+    rgba[..., :3] = np.rint(np.clip(colour, 0, 255))
+    rgba[..., 3] = np.rint(out_a[..., 0] * 255)
+    rgba[rgba[..., 3] == 0] = 0  # fully transparent pixels are (0, 0, 0, 0), as in compose
+    return rgba
+
+
+def _color_tuple(color: Color) -> Color:
+    if len(color) not in (3, 4) or not all(isinstance(c, (int, np.integer)) and 0 <= c <= 255 for c in color):
+        raise ValueError(f"bg_color must be three or four integers 0-255, got {color!r}")
+    return tuple(int(c) for c in color)  # type: ignore[return-value]
+
+
+def _background_pixel(output: str, bg_color: Color | None) -> tuple[int, ...] | int:
+    """What a pixel with no foreground becomes in ``output``: the fill for padding."""
+    if output == "mask":
+        return 0
+    if output == "color" or bg_color is None:
+        return (0, 0, 0, 0)
+    color = _color_tuple(bg_color)
+    return (0, 0, 0, 0) if len(color) == 4 and color[3] == 0 else color
 
 
 def parse_hex_color(value: str) -> tuple[int, int, int]:
@@ -582,6 +637,25 @@ def crop(array: np.ndarray, box: tuple[int, int, int, int] | None) -> np.ndarray
         return array
     left, top, right, bottom = box
     return array[top:bottom, left:right]
+
+
+
+_OPEN_KERNEL = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (3, 3))
+
+
+def post_process_mask(alpha: np.ndarray) -> np.ndarray:
+    """A hard-edged, de-speckled version of an HxW uint8 mask: rembg's ``post_process_mask``.
+
+    The same three steps as rembg (``rembg/bg.py: post_process``, after Fu et al.,
+    https://www.sciencedirect.com/science/article/pii/S2352914821000757): a
+    morphological opening with a 3x3 ellipse removes specks, a 5x5 Gaussian blur
+    (sigma 2) smooths the outline, and a threshold at 127 makes it binary (0/255).
+    """
+    if alpha.dtype != np.uint8 or alpha.ndim != 2:
+        raise ValueError(f"alpha must be HxW uint8, got {alpha.shape} {alpha.dtype}")
+    opened = cv2.morphologyEx(alpha, cv2.MORPH_OPEN, _OPEN_KERNEL)
+    blurred = cv2.GaussianBlur(opened, (5, 5), sigmaX=2, sigmaY=2, borderType=cv2.BORDER_DEFAULT)
+    return np.where(blurred < 127, 0, 255).astype(np.uint8)
 
 
 # --------------------------------------------------------------------------- encoding
@@ -645,6 +719,22 @@ def encode_webp(array: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
+
+def encode_jpeg(array: np.ndarray, quality: int = 95) -> bytes:
+    """JPEG bytes (libjpeg-turbo, 4:4:4) for an RGB or single-channel uint8 array.
+
+    JPEG has no alpha: an RGBA array is refused (composite it over a colour first).
+    """
+    array = _as_image(array)
+    if array.ndim == 3 and array.shape[2] == 4:
+        raise ValueError("JPEG holds no alpha: composite the cutout over a background colour first")
+    if array.ndim == 2:
+        return simplejpeg.encode_jpeg(np.ascontiguousarray(array)[..., None], quality=quality,
+                                      colorspace="GRAY", colorsubsampling="Gray")
+    return simplejpeg.encode_jpeg(np.ascontiguousarray(array), quality=quality, colorspace="RGB",
+                                  colorsubsampling="444")
+
+
 _ENCODERS = {"png": (encode_png, "image/png"), "webp": (encode_webp, "image/webp")}
 
 
@@ -658,53 +748,117 @@ class RenderedImage:
     height: int
 
 
-def render_cutout(
+# The pixel-space margin (top, right, bottom, left) to add around a cropped
+# subject, given the subject's (width, height).
+CropMargin = Callable[[int, int], tuple[int, int, int, int]]
+
+
+def cutout_pixels(
     image: DecodedImage,
     mask_full: np.ndarray,
     *,
-    output: Literal["cutout", "mask"] = "cutout",
-    format: Literal["png", "webp"] = "png",  # noqa: A002 - the API's parameter name
-    bg_color: tuple[int, int, int] | None = None,
+    output: Literal["cutout", "mask", "color"] = "cutout",
+    bg_color: Color | None = None,
     crop: bool = False,  # noqa: A002 - shadows crop() on purpose, the API's name
+    crop_margin: CropMargin | None = None,
     refine_foreground: bool = False,
-) -> RenderedImage:
-    """Everything the ingress does after the model: mask -> encoded result.
+) -> np.ndarray:
+    """Everything after the model, before encoding: mask -> result pixels.
 
     The final alpha is the model's mask, limited by the input's own alpha when it
-    had one (minimum). ``output="mask"`` encodes that alpha as an 8-bit gray
-    image (``bg_color`` and ``refine_foreground`` do not apply); ``"cutout"``
-    gives RGBA, or RGB over ``bg_color``. ``crop`` trims to the content (the full
-    canvas when nothing is foreground). A mask not at the image's size is resized
+    had one (minimum). ``output="mask"`` is that alpha as HxW uint8 (``bg_color``
+    and ``refine_foreground`` do not apply); ``"cutout"`` gives RGBA, or the
+    cutout over ``bg_color`` (see :func:`compose`); ``"color"`` the (refined)
+    foreground colours of every pixel, HxWx3, with no alpha applied. ``crop``
+    trims to the content (the full canvas when nothing is foreground);
+    ``crop_margin`` then adds a margin around it, padding with background where
+    it reaches past the image. A mask not at the image's size is resized
     bilinearly first.
     """
-    if output not in ("cutout", "mask"):
-        raise ValueError(f"output must be 'cutout' or 'mask', got {output!r}")
-    if format not in _ENCODERS:
-        raise ValueError(f"format must be 'png' or 'webp', got {format!r}")
+    if output not in ("cutout", "mask", "color"):
+        raise ValueError(f"output must be 'cutout', 'mask' or 'color', got {output!r}")
     if mask_full.dtype != np.uint8 or mask_full.ndim != 2:
         raise ValueError(f"the mask must be HxW uint8, got {mask_full.shape} {mask_full.dtype}")
     alpha = resize_mask(mask_full, (image.width, image.height))
     if image.alpha is not None:
         alpha = np.minimum(alpha, image.alpha)
     box = crop_box(alpha) if crop else None
+    padding = (0, 0, 0, 0)
+    if box is not None and crop_margin is not None:
+        box, padding = _expand_box(box, crop_margin, image.width, image.height)
 
     if output == "mask":
         result = _crop_view(alpha, box)
-    elif refine_foreground and box is not None:
+    else:
+        result = _render_region(image.rgb, alpha, box, output=output, bg_color=bg_color,
+                                refine=refine_foreground)
+    if any(padding):
+        top, right, bottom, left = padding
+        result = cv2.copyMakeBorder(result, top, bottom, left, right, cv2.BORDER_CONSTANT,
+                                    value=_background_pixel(output, bg_color))
+    return result
+
+
+def _expand_box(
+    box: tuple[int, int, int, int], margin: CropMargin, width: int, height: int
+) -> tuple[tuple[int, int, int, int], tuple[int, int, int, int]]:
+    """The box grown by ``margin`` and clipped to the image, and the padding (top,
+    right, bottom, left) still needed beyond the image's edges."""
+    left, top, right, bottom = box
+    m_top, m_right, m_bottom, m_left = (max(0, int(m)) for m in margin(right - left, bottom - top))
+    outer = (left - m_left, top - m_top, right + m_right, bottom + m_bottom)
+    inner = (max(0, outer[0]), max(0, outer[1]), min(width, outer[2]), min(height, outer[3]))
+    padding = (inner[1] - outer[1], outer[2] - inner[2], outer[3] - inner[3], inner[0] - outer[0])
+    return inner, padding
+
+
+def _render_region(
+    rgb: np.ndarray,
+    alpha: np.ndarray,
+    box: tuple[int, int, int, int] | None,
+    *,
+    output: str,
+    bg_color: Color | None,
+    refine: bool,
+) -> np.ndarray:
+    """The cutout (or foreground colours) of the part of the image inside ``box``."""
+    region_alpha = _crop_view(alpha, box)
+    if refine and box is not None:
         # Refine a little more than the box so the box's edges see their real
         # surroundings: the result equals refining the whole image, for less work.
+        height, width = alpha.shape
         left, top, right, bottom = box
         m = _REFINE_MARGIN
-        outer = (max(0, left - m), max(0, top - m), min(image.width, right + m), min(image.height, bottom + m))
-        composed = compose(
-            _crop_view(image.rgb, outer), _crop_view(alpha, outer), bg_color=bg_color, refine=True
-        )
-        result = _crop_view(composed, (left - outer[0], top - outer[1], right - outer[0], bottom - outer[1]))
+        outer = (max(0, left - m), max(0, top - m), min(width, right + m), min(height, bottom + m))
+        refined = refine_foreground(_crop_view(rgb, outer), _crop_view(alpha, outer))
+        fg = _crop_view(refined, (left - outer[0], top - outer[1], right - outer[0], bottom - outer[1]))
     else:
-        result = compose(
-            _crop_view(image.rgb, box), _crop_view(alpha, box), bg_color=bg_color, refine=refine_foreground
-        )
+        fg = _crop_view(rgb, box)
+        if refine:
+            fg = refine_foreground(fg, region_alpha)
+    if output == "color":
+        return np.ascontiguousarray(fg)
+    return compose(fg, region_alpha, bg_color=bg_color)
 
+
+def render_cutout(
+    image: DecodedImage,
+    mask_full: np.ndarray,
+    *,
+    output: Literal["cutout", "mask"] = "cutout",
+    format: Literal["png", "webp"] = "png",  # noqa: A002 - the API's parameter name
+    bg_color: Color | None = None,
+    crop: bool = False,  # noqa: A002 - shadows crop() on purpose, the API's name
+    refine_foreground: bool = False,
+) -> RenderedImage:
+    """Everything the ingress does after the model: mask -> encoded result
+    (:func:`cutout_pixels`, then PNG or lossless WebP)."""
+    if output not in ("cutout", "mask"):
+        raise ValueError(f"output must be 'cutout' or 'mask', got {output!r}")
+    if format not in _ENCODERS:
+        raise ValueError(f"format must be 'png' or 'webp', got {format!r}")
+    result = cutout_pixels(image, mask_full, output=output, bg_color=bg_color, crop=crop,
+                           refine_foreground=refine_foreground)
     encode, media_type = _ENCODERS[format]
     h, w = result.shape[:2]
     return RenderedImage(data=encode(result), media_type=media_type, width=w, height=h)

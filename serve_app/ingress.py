@@ -13,8 +13,21 @@ from ray.serve.handle import DeploymentHandle
 from serve_app import access
 from serve_app.config import AppConfig
 from serve_app.problems import install_problem_handlers
-from serve_app.routes import background, health, jobs, web
+from serve_app.routes import (
+    background,
+    detail_errors,
+    health,
+    jobs,
+    layer_saas_compat,
+    rembg_compat,
+    removebg_compat,
+    web,
+)
 from serve_app.service import StrataService, current_service
+
+# The compatible APIs refuse access (401, 429) in their own error shapes:
+# remove.bg's under /v1.0/, FastAPI's {"detail"} for rembg's and image-layer-saas's /api/.
+COMPAT_REFUSALS = {"/v1.0/": removebg_compat.refusal, "/api/": detail_errors.refusal}
 
 app = FastAPI(
     title="Strata",
@@ -22,13 +35,14 @@ app = FastAPI(
     summary="Background removal and layer decomposition, self-hosted on Ray Serve.",
 )
 install_problem_handlers(app)
-for family in (health, background, jobs, web):
+# Strata's own API, then the other projects' APIs answered on the same service.
+for family in (health, background, jobs, rembg_compat, removebg_compat, layer_saas_compat, web):
     app.include_router(family.router)
 app.mount("/static", web.static_files(), name="static")
 # Around every route and mount, routes added later included: keys and rate limits
 # (serve_app/access.py), and outermost CORS, so preflights and 401/429 answers
 # carry its headers too.
-app.add_middleware(access.AccessMiddleware, access=lambda: current_service().access)
+app.add_middleware(access.AccessMiddleware, access=lambda: current_service().access, refusals=COMPAT_REFUSALS)
 app.add_middleware(access.ConfiguredCORSMiddleware, cors=lambda: current_service().config.cors)
 access.declare_in_openapi(app)
 

@@ -57,6 +57,7 @@ class ModelHealth(BaseModel):
     max_batch_size: int | None = None
     batch_wait_timeout_s: float | None = None
     gpu_memory: dict[str, int] | None = None
+    gpu_name: str | None = Field(None, description="The GPU the replica runs on, where it runs on one.")
     last_error: str | None = None
 
 

@@ -47,6 +47,22 @@ class Cutout:
     processing_ms: float
 
 
+@dataclass(frozen=True)
+class Matte:
+    """An image and the alpha a model gave it (limited by the image's own alpha)."""
+
+    image: imaging.DecodedImage
+    alpha: np.ndarray
+    input_size: tuple[int, int]  # (width, height) as uploaded, before any downscale
+    model: str
+    engine: str
+    batch_size: int
+    started: float  # time.perf_counter() when the work began
+
+    def elapsed_ms(self) -> float:
+        return (time.perf_counter() - self.started) * 1000
+
+
 async def _await(response):
     return await response
 
@@ -120,16 +136,25 @@ class StrataService:
 
     async def remove_background(self, data: bytes, params: RemoveBackgroundParams) -> Cutout:
         """Decode `data`, segment it with the requested model and render the answer."""
-        started = time.perf_counter()
-        model = self.model_name(params.model)
         bg_color = imaging.parse_hex_color(params.bg_color) if params.bg_color else None
-        image = await run_in_threadpool(self.decode, data)
-        full_mask, engine, batch_size = await self.alpha_mask(model, image)
+        matte = await self.matte(data, self.model_name(params.model))
         rendered = await run_in_threadpool(
-            imaging.render_cutout, image, full_mask, output=params.output, format=params.format,
+            imaging.render_cutout, matte.image, matte.alpha, output=params.output, format=params.format,
             bg_color=bg_color, crop=params.crop, refine_foreground=params.refine_foreground,
         )
-        return Cutout(rendered, model, engine, batch_size, (time.perf_counter() - started) * 1000)
+        return Cutout(rendered, matte.model, matte.engine, matte.batch_size, matte.elapsed_ms())
+
+    async def matte(self, data: bytes, model: str, *, max_pixels: int | None = None) -> Matte:
+        """Decode `data` (shrunk to at most `max_pixels` when given) and segment it with
+        the served model `model`: the image and its alpha, ready to render."""
+        started = time.perf_counter()
+        image = await run_in_threadpool(self.decode, data)
+        input_size = (image.width, image.height)
+        if max_pixels is not None:
+            image = await run_in_threadpool(imaging.downscale_to_pixels, image, max_pixels)
+        full_mask, engine, batch_size = await self.alpha_mask(model, image)
+        alpha = full_mask if image.alpha is None else await run_in_threadpool(np.minimum, full_mask, image.alpha)
+        return Matte(image, alpha, input_size, model, engine, batch_size, started)
 
     async def alpha_mask(self, model: str, image: imaging.DecodedImage) -> tuple[np.ndarray, str, int]:
         """The image-sized alpha mask of `model`, the engine that made it and its batch size."""

@@ -1,4 +1,5 @@
-"""Reading an uploaded file from a multipart body, bounded while it streams.
+"""Reading request bodies (a multipart form, its uploaded file, a whole JSON or
+URL-encoded body), bounded while they stream.
 
 The size limit is enforced as bytes arrive, so an oversized upload is refused
 without being buffered whole (Starlette's own form parsing reads it all first).
@@ -7,6 +8,7 @@ without being buffered whole (Starlette's own form parsing reads it all first).
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
@@ -30,35 +32,79 @@ async def _bounded(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterato
         yield chunk
 
 
-async def read_upload(request: Request, field: str, max_bytes: int) -> bytes:
-    """The bytes of file field `field` of a multipart request, at most `max_bytes`."""
-    content_type = request.headers.get("content-type", "")
-    if not content_type.startswith("multipart/form-data"):
-        raise ProblemError(415, "Unsupported media type",
-                           f"send the image as a multipart/form-data file field named {field!r} "
-                           f"(curl -F {field}=@photo.jpg)", slug="unsupported-media-type")
-    # Multipart framing adds a little beyond the file itself.
-    body_limit = max_bytes + 64 * 1024
+@dataclass(frozen=True)
+class FormFile:
+    """One file field of a multipart form."""
+
+    data: bytes
+    filename: str | None
+    content_type: str | None
+
+
+@dataclass(frozen=True)
+class MultipartForm:
+    """A multipart form: its file fields and its text fields (the first of each name)."""
+
+    files: dict[str, FormFile]
+    fields: dict[str, str]
+
+
+def is_multipart(request: Request) -> bool:
+    return request.headers.get("content-type", "").startswith("multipart/form-data")
+
+
+async def read_form(request: Request, max_bytes: int, *, max_field_bytes: int = 1024 * 1024) -> MultipartForm:
+    """The fields of a multipart request: files of at most `max_bytes` each, text
+    fields of at most `max_field_bytes` (one of them may carry the image, base64)."""
+    if not is_multipart(request):
+        raise ProblemError(415, "Unsupported media type", "send a multipart/form-data body",
+                           slug="unsupported-media-type")
+    # Multipart framing and small text fields add a little beyond the image itself.
+    body_limit = max(max_bytes, max_field_bytes) + 64 * 1024
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > body_limit:
         raise _too_large(max_bytes)
     parser = MultiPartParser(request.headers, _bounded(request.stream(), body_limit),
-                             max_files=4, max_fields=32)
+                             max_files=4, max_fields=32, max_part_size=max_field_bytes)
     try:
         form = await parser.parse()
     except MultiPartException as exc:
         raise ProblemError(400, "Malformed multipart body", str(exc), slug="malformed-multipart") from exc
+    files: dict[str, FormFile] = {}
+    fields: dict[str, str] = {}
     try:
-        upload = form.get(field)
-        if not isinstance(upload, UploadFile):
-            raise ProblemError(422, "Missing image", f"the form has no file field named {field!r} "
-                               "(or send no body and pass image_url)", slug="missing-image")
-        data = await upload.read()
+        for name, value in form.multi_items():
+            if isinstance(value, UploadFile):
+                if name not in files:
+                    files[name] = FormFile(await value.read(), value.filename, value.content_type)
+            else:
+                fields.setdefault(name, value)
     finally:
         await form.close()
-    if len(data) > max_bytes:
+    if any(len(file.data) > max_bytes for file in files.values()):
         raise _too_large(max_bytes)
-    return data
+    return MultipartForm(files, fields)
+
+
+async def read_upload(request: Request, field: str, max_bytes: int) -> bytes:
+    """The bytes of file field `field` of a multipart request, at most `max_bytes`."""
+    if not is_multipart(request):
+        raise ProblemError(415, "Unsupported media type",
+                           f"send the image as a multipart/form-data file field named {field!r} "
+                           f"(curl -F {field}=@photo.jpg)", slug="unsupported-media-type")
+    upload = (await read_form(request, max_bytes)).files.get(field)
+    if upload is None:
+        raise ProblemError(422, "Missing image", f"the form has no file field named {field!r} "
+                           "(or send no body and pass image_url)", slug="missing-image")
+    return upload.data
+
+
+async def read_body(request: Request, max_bytes: int) -> bytes:
+    """The whole request body (JSON, a URL-encoded form), refused past `max_bytes` while it streams."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > max_bytes:
+        raise _too_large(max_bytes)
+    return b"".join([chunk async for chunk in _bounded(request.stream(), max_bytes)])
 
 
 def _has_no_body(request: Request) -> bool:

@@ -566,3 +566,89 @@ def test_render_cutout_crop_with_refine_matches_refining_the_whole_image():
 def test_render_cutout_resizes_a_model_sized_mask():
     rendered = imaging.render_cutout(decoded(pattern(96, 64)), np.full((32, 32), 255, np.uint8))
     assert (open_result(rendered)[..., 3] == 255).all()
+
+
+# ----------------------------------------------------------------------------- cutout_pixels and friends
+# (what the rembg and remove.bg compatible routes render with)
+
+
+def test_compose_over_a_translucent_colour_is_rgba_over_that_opacity():
+    rgb, alpha = pattern(96, 96), soft_disc()
+    out = imaging.compose(rgb, alpha, bg_color=(0, 0, 255, 128))
+    assert out.shape == (96, 96, 4)
+    assert (out[alpha == 0] == (0, 0, 255, 128)).all()
+    np.testing.assert_array_equal(out[alpha == 255][:, :3], rgb[alpha == 255])
+    assert (out[alpha == 255][:, 3] == 255).all()
+    half = tuple(np.argwhere((alpha > 120) & (alpha < 136))[0])
+    a, b = alpha[half] / 255, 128 / 255
+    assert abs(int(out[half][3]) - round((a + b * (1 - a)) * 255)) <= 1
+
+
+def test_compose_over_a_fully_transparent_colour_is_the_plain_cutout():
+    rgb, alpha = pattern(96, 96), soft_disc()
+    np.testing.assert_array_equal(imaging.compose(rgb, alpha, bg_color=(9, 9, 9, 0)), imaging.compose(rgb, alpha))
+
+
+def test_cutout_pixels_color_output_is_the_refined_foreground_everywhere():
+    rgb, mask = red_on_green(160)
+    colour = imaging.cutout_pixels(decoded(rgb), mask, output="color", refine_foreground=True)
+    assert colour.shape == (160, 160, 3)
+    np.testing.assert_array_equal(colour, imaging.refine_foreground(rgb, mask))
+
+
+def test_crop_margin_pads_past_the_image_with_the_background():
+    mask = np.zeros((96, 96), np.uint8)
+    mask[2:40, 30:70] = 255  # 40 wide, 38 high, 2 px from the top edge
+
+    def ten_px(width, height):
+        return (10, 10, 10, 10)
+
+    out = imaging.cutout_pixels(decoded(pattern(96, 96)), mask, crop=True, crop_margin=ten_px)
+    assert out.shape == (58, 60, 4)
+    assert (out[:10, :, 3] == 0).all() and (out[10:48, 10:50, 3] == 255).all()
+    painted = imaging.cutout_pixels(decoded(pattern(96, 96)), mask, crop=True, crop_margin=ten_px,
+                                    bg_color=(1, 2, 3))
+    assert tuple(painted[0, 0]) == (1, 2, 3)
+    alpha = imaging.cutout_pixels(decoded(pattern(96, 96)), mask, output="mask", crop=True, crop_margin=ten_px)
+    assert alpha.shape == (58, 60) and alpha[0, 0] == 0 and alpha[20, 20] == 255
+
+
+def test_crop_margin_is_given_the_subjects_size():
+    mask = np.zeros((96, 96), np.uint8)
+    mask[20:40, 30:70] = 255
+    seen = []
+
+    def margin(width, height):
+        seen.append((width, height))
+        return (0, 0, 0, 0)
+
+    imaging.cutout_pixels(decoded(pattern(96, 96)), mask, crop=True, crop_margin=margin)
+    assert seen == [(40, 20)]
+
+
+def test_post_process_mask_is_binary_and_drops_specks():
+    mask = soft_disc()
+    mask[5, 5] = 255  # a one-pixel speck
+    out = imaging.post_process_mask(mask)
+    assert set(np.unique(out)) == {0, 255}
+    assert out[5, 5] == 0
+    assert out[48, 48] == 255 and out[0, 0] == 0
+
+
+def test_jpeg_round_trips_rgb_and_gray_and_refuses_alpha():
+    rgb = pattern(64, 48)
+    back = np.asarray(Image.open(io.BytesIO(imaging.encode_jpeg(rgb))))
+    assert back.shape == (48, 64, 3) and np.abs(back.astype(int) - rgb).max() <= 8
+    gray = Image.open(io.BytesIO(imaging.encode_jpeg(rgb[..., 0])))
+    assert gray.mode == "L" and gray.size == (64, 48)
+    with pytest.raises(ValueError, match="alpha"):
+        imaging.encode_jpeg(np.zeros((8, 8, 4), np.uint8))
+
+
+def test_downscale_to_pixels_keeps_the_aspect_within_the_budget():
+    image = decoded(pattern(800, 600), np.full((600, 800), 200, np.uint8))
+    small = imaging.downscale_to_pixels(image, 250_000)
+    assert small.width * small.height <= 250_000
+    assert abs(small.width / small.height - 800 / 600) < 0.01 and small.width >= 575
+    assert small.alpha.shape == (small.height, small.width) and small.rgb.shape[:2] == small.alpha.shape
+    assert imaging.downscale_to_pixels(image, 480_000) is image

@@ -17,6 +17,7 @@ from fastapi import FastAPI, Header, Path, Query, Request, Response
 from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 from ray.serve.handle import DeploymentHandle
 from sse_starlette import EventSourceResponse
@@ -394,6 +395,9 @@ class Ingress:
             raise ProblemError(503, "Model timeout",
                                f"model {model!r} did not answer within {self._config.model_timeout_s:g} s",
                                slug="model-timeout", headers=retry) from exc
+        except RayActorError as exc:  # the replica died during the call; Serve starts another
+            raise ProblemError(503, "Model unavailable", f"model {model!r} lost its replica; retry shortly",
+                               slug="model-unavailable", headers=retry) from exc
         except (DeploymentUnavailableError, RayServeException) as exc:
             raise ProblemError(503, "Model unavailable", f"model {model!r} is unavailable: {exc}",
                                slug="model-unavailable", headers=retry) from exc

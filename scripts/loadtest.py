@@ -31,9 +31,11 @@ e.g. the one that ran `serve run` or `ray.init`) to measure memory.
 from __future__ import annotations
 
 # locust patches the standard library for gevent when imported: before anything else.
-import locust  # isort: skip  # noqa: I001
-from locust import HttpUser, constant, constant_throughput, task  # isort: skip
-from locust.env import Environment  # isort: skip
+# isort: off
+import locust
+from locust import HttpUser, constant, constant_throughput, task
+from locust.env import Environment
+# isort: on
 
 import argparse
 import contextlib
@@ -186,8 +188,7 @@ def product_photo_jpeg(width: int, height: int) -> bytes:
 class Tally:
     """Answers by status, for the warm-up and for the measured part of the run."""
 
-    def __init__(self, max_requests: int):
-        self.max_requests = max_requests
+    def __init__(self):
         self.phase = "warmup"
         self.statuses: dict[str, Counter] = {"warmup": Counter(), "measured": Counter()}
         self.busy = {"503": 0, "with_retry_after": 0}
@@ -238,7 +239,7 @@ def run_load(args: argparse.Namespace, base: str, root_pid: int | None) -> dict[
     user_class = make_user(image, params, args.timeout, pacing)
     env = Environment(user_classes=[user_class], host=base, catch_exceptions=True)
     runner = env.create_local_runner()
-    tally = Tally(args.max_requests)
+    tally = Tally()
     stopped_by = ["duration"]
 
     def on_request(response=None, exception=None, **_):
@@ -286,7 +287,7 @@ def run_load(args: argparse.Namespace, base: str, root_pid: int | None) -> dict[
     requests_measured = sum(measured.values())
     errors = {status: n for status, n in measured.items() if status != "200"}
     warmup_errors = {status: n for status, n in tally.statuses["warmup"].items() if status != "200"}
-    measured_s = max(elapsed - args.warmup, 1e-9)
+    measured_s = max(elapsed - args.warmup, 0.0)
     if memory.get("after_warmup") and memory.get("end") and memory["after_warmup"]["rss_mb"]:
         memory["growth_pct"] = round(100 * (memory["end"]["rss_mb"] / memory["after_warmup"]["rss_mb"] - 1), 2)
     elif root_pid is None:
@@ -304,7 +305,8 @@ def run_load(args: argparse.Namespace, base: str, root_pid: int | None) -> dict[
         "elapsed_s": round(elapsed, 1),
         "stopped_by": stopped_by[0],
         "requests": requests_measured,
-        "rate_achieved_per_s": round(requests_measured / measured_s, 3),
+        "measured_s": round(measured_s, 1),
+        "rate_achieved_per_s": round(requests_measured / measured_s, 3) if measured_s else None,
         "status_counts": dict(measured),
         "errors_by_status": errors,
         "error_rate": round(sum(errors.values()) / requests_measured, 6) if requests_measured else None,
@@ -327,7 +329,7 @@ def run_load(args: argparse.Namespace, base: str, root_pid: int | None) -> dict[
 
 def print_report(report: dict[str, Any]) -> None:
     latency, memory = report["latency_ms"], report["memory"]
-    print(f"{report['mode']}: {report['requests']} requests in {report['elapsed_s'] - report['warmup_s']:.0f} s "
+    print(f"{report['mode']}: {report['requests']} requests in {report['measured_s']:.0f} s "
           f"after {report['warmup_s']:g} s warm-up ({report['rate_achieved_per_s']}/s, {report['users']} users)")
     print(f"  status: {report['status_counts']}  error rate: {report['error_rate']}")
     print(f"  latency ms: p50 {latency['p50']}  p95 {latency['p95']}  p99 {latency['p99']}  max {latency['max']}")

@@ -32,6 +32,7 @@ Typical life::
     state = store.renew(job.id, owner, 30, progress=0.5)     # per progress event
     if state is Renewal.CANCEL_REQUESTED: store.finish(job.id, owner, JobStatus.CANCELLED)
     elif state is Renewal.LOST: ...                           # stop; drop the work
+    store.release(job.id, owner)                              # the worker died: dispatch again now
     store.finish(job.id, owner, JobStatus.SUCCEEDED, result={...})
     for job_id in store.expired(retention_s=86400):          # files first, then the row
         storage.delete_prefix(f"jobs/{job_id}"); store.delete(job_id)
@@ -648,6 +649,24 @@ class JobStore:
                 return Renewal.LOST
             cancel = conn.scalar(select(_t.c.cancel_requested).where(_t.c.id == job_id))
         return Renewal.CANCEL_REQUESTED if cancel else Renewal.HELD
+
+    def release(self, job_id: str, owner: str) -> bool:
+        """Give up a running job's lease now, as if it had lapsed: the job is
+        dispatchable again at once (its worker was lost and will not finish it),
+        and the next :meth:`claim` counts against ``max_attempts`` as usual. False
+        when the job is not running under this owner any more."""
+        now = self._now()
+        with self._tx(write=True) as conn:
+            released = conn.execute(
+                update(_t)
+                .where(
+                    _t.c.id == job_id,
+                    _t.c.status == JobStatus.RUNNING.value,
+                    _t.c.lease_owner == owner,
+                )
+                .values(lease_expires_at=now)
+            )
+            return released.rowcount == 1
 
     def finish(
         self,

@@ -165,9 +165,14 @@ class LayerJobRunner:
             raise  # this ingress is stopping: the lease lapses and another dispatch resumes
         except Exception as exc:
             if _is_lost_worker(exc):
-                # The model replica died: leave the lease to lapse so the job is
-                # dispatched again (max_attempts bounds the retries).
-                logger.warning("layer job %s lost its model replica; it will be dispatched again", job.id)
+                # The model replica died (or cannot be reached): give the lease up so
+                # the job is dispatched again now rather than after lease_s; Serve
+                # routes it to a live replica, and max_attempts bounds the retries.
+                logger.warning("layer job %s lost its model replica; dispatching it again", job.id)
+                stream = self._streams.get(job.id)
+                if stream is not None:
+                    stream.cancel()  # an unreachable replica that is still alive stops the work
+                await run_in_threadpool(self.store.release, job.id, owner)
                 return
             if _is_cancellation(exc) or await run_in_threadpool(self._cancel_requested, job.id):
                 await self._finish(job.id, owner, JobStatus.CANCELLED)

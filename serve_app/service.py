@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 from ray import serve
+from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
@@ -190,6 +191,9 @@ class StrataService:
             raise ProblemError(503, "Model timeout",
                                f"model {model!r} did not answer within {self.config.model_timeout_s:g} s",
                                slug="model-timeout", headers=retry) from exc
+        except RayActorError as exc:  # the replica died during the call; Serve starts another
+            raise ProblemError(503, "Model unavailable", f"model {model!r} lost its replica; retry shortly",
+                               slug="model-unavailable", headers=retry) from exc
         except (DeploymentUnavailableError, RayServeException) as exc:
             raise ProblemError(503, "Model unavailable", f"model {model!r} is unavailable: {exc}",
                                slug="model-unavailable", headers=retry) from exc

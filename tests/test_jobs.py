@@ -251,6 +251,19 @@ def test_reclaim_after_a_lapse_keeps_started_at_and_counts_attempts(store, clock
     assert (second.progress, second.step) == (0.0, None)  # the new attempt starts over
 
 
+def test_released_job_is_dispatchable_at_once_and_counts_its_attempt(store, clock):
+    job = store.create("layers", {})
+    store.claim(job.id, "w1", lease_s=30)
+    assert store.release(job.id, "w1") is True
+    assert [j.id for j in store.dispatchable()] == [job.id]
+    again = store.claim(job.id, "w2", lease_s=30, max_attempts=2)
+    assert (again.lease_owner, again.attempts) == ("w2", 2)
+    assert store.release(job.id, "w1") is False  # no longer w1's to give up
+    assert store.release(job.id, "w2") is True
+    assert store.claim(job.id, "w3", lease_s=30, max_attempts=2) is None
+    assert store.get(job.id).status is JobStatus.FAILED  # max_attempts still bounds the retries
+
+
 def test_renewed_lease_keeps_the_job_from_being_reclaimed(store, clock):
     job = store.create("layers", {})
     store.claim(job.id, "w1", lease_s=10)

@@ -145,7 +145,7 @@ class Ingress:
         started = time.perf_counter()
         model = self._model_name(params.model)
         bg_color = imaging.parse_hex_color(params.bg_color) if params.bg_color else None
-        data = await read_upload(request, "image", self._config.limits.max_upload_bytes)
+        data = await read_upload(request, "image", self._config.limits)
         image = await run_in_threadpool(self._decode, data)
         mask, engine, batch_size = await self._segment(model, image.rgb)
         full_mask = await run_in_threadpool(imaging.resize_mask, mask, (image.width, image.height))
@@ -199,7 +199,7 @@ class Ingress:
                                     description="`wait=N`: answer 200 with the finished job if it ends within N s")] = None,
                                 ) -> Response:
         model = self._layer_model_name(params.model)
-        data = await read_upload(request, "image", self._config.limits.max_upload_bytes)
+        data = await read_upload(request, "image", self._config.limits)
         image = await run_in_threadpool(self._decode, data)
         job_params = {**params.model_dump(), "model": model, "width": image.width, "height": image.height}
         job_id = new_job_id()

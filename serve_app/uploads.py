@@ -1,18 +1,26 @@
-"""Reading an uploaded file from a multipart body, bounded while it streams.
+"""Reading an uploaded file from a multipart body, bounded in size and in time while it streams.
 
 The size limit is enforced as bytes arrive, so an oversized upload is refused
 without being buffered whole (Starlette's own form parsing reads it all first).
+A client that stops sending gets 408 once `upload_timeout_s` passes without a
+byte, instead of holding the request open for ever.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 
 from fastapi import Request
 from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
 
+from serve_app.config import UploadLimits
 from serve_app.problems import ProblemError
+
+# Multipart framing adds a little beyond the file itself.
+_FRAMING_BYTES = 64 * 1024
 
 
 def _too_large(max_bytes: int) -> ProblemError:
@@ -21,33 +29,52 @@ def _too_large(max_bytes: int) -> ProblemError:
                         slug="upload-too-large")
 
 
-async def _bounded(stream: AsyncIterator[bytes], max_bytes: int) -> AsyncIterator[bytes]:
+def _malformed(detail: str) -> ProblemError:
+    return ProblemError(400, "Malformed multipart body", detail, slug="malformed-multipart")
+
+
+async def _bounded(stream: AsyncIterator[bytes], max_bytes: int, timeout_s: float) -> AsyncIterator[bytes]:
+    """`stream`, refused past `max_bytes` in all or after `timeout_s` without a byte."""
     received = 0
-    async for chunk in stream:
+    chunks = aiter(stream)
+    while True:
+        try:
+            chunk = await asyncio.wait_for(anext(chunks), timeout_s)
+        except StopAsyncIteration:
+            return
+        except asyncio.TimeoutError:  # the builtin TimeoutError from Python 3.11
+            # Connection: close, because the rest of this body will never be read.
+            raise ProblemError(408, "Upload timed out",
+                               f"no bytes of the upload arrived for {timeout_s:g} s; "
+                               "send the whole file without pausing",
+                               slug="upload-timeout", headers={"Connection": "close"}) from None
+        except ClientDisconnect:
+            # Nobody will read this answer; it keeps a hang-up out of the error log.
+            raise _malformed("the client disconnected before the upload was complete") from None
         received += len(chunk)
         if received > max_bytes:
             raise _too_large(max_bytes)
         yield chunk
 
 
-async def read_upload(request: Request, field: str, max_bytes: int) -> bytes:
-    """The bytes of file field `field` of a multipart request, at most `max_bytes`."""
+async def read_upload(request: Request, field: str, limits: UploadLimits) -> bytes:
+    """The bytes of file field `field` of a multipart request, within `limits`."""
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise ProblemError(415, "Unsupported media type",
                            f"send the image as a multipart/form-data file field named {field!r} "
                            f"(curl -F {field}=@photo.jpg)", slug="unsupported-media-type")
-    # Multipart framing adds a little beyond the file itself.
-    body_limit = max_bytes + 64 * 1024
+    max_bytes = limits.max_upload_bytes
+    body_limit = max_bytes + _FRAMING_BYTES
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > body_limit:
         raise _too_large(max_bytes)
-    parser = MultiPartParser(request.headers, _bounded(request.stream(), body_limit),
+    parser = MultiPartParser(request.headers, _bounded(request.stream(), body_limit, limits.upload_timeout_s),
                              max_files=4, max_fields=32)
     try:
         form = await parser.parse()
     except MultiPartException as exc:
-        raise ProblemError(400, "Malformed multipart body", str(exc), slug="malformed-multipart") from exc
+        raise _malformed(str(exc)) from exc
     try:
         upload = form.get(field)
         if not isinstance(upload, UploadFile):

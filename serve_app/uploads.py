@@ -57,6 +57,19 @@ async def _bounded(stream: AsyncIterator[bytes], max_bytes: int, timeout_s: floa
         yield chunk
 
 
+class _FormParser(MultiPartParser):
+    """Starlette's parser, noting whether the body reached its closing boundary.
+
+    python-multipart calls `on_end` only there; without it a body cut short
+    would read as a form that merely lacks its last fields.
+    """
+
+    complete = False
+
+    def on_end(self) -> None:
+        self.complete = True
+
+
 async def read_upload(request: Request, field: str, limits: UploadLimits) -> bytes:
     """The bytes of file field `field` of a multipart request, within `limits`."""
     content_type = request.headers.get("content-type", "")
@@ -69,16 +82,25 @@ async def read_upload(request: Request, field: str, limits: UploadLimits) -> byt
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > body_limit:
         raise _too_large(max_bytes)
-    parser = MultiPartParser(request.headers, _bounded(request.stream(), body_limit, limits.upload_timeout_s),
-                             max_files=4, max_fields=32)
+    parser = _FormParser(request.headers, _bounded(request.stream(), body_limit, limits.upload_timeout_s),
+                         max_files=4, max_fields=32)
     try:
         form = await parser.parse()
     except MultiPartException as exc:
         raise _malformed(str(exc)) from exc
     try:
-        upload = form.get(field)
+        if not parser.complete:
+            raise _malformed("the body ends before the multipart closing boundary: the upload was cut short")
+        values = form.getlist(field)
+        if len(values) > 1:
+            raise ProblemError(422, "More than one image",
+                               f"the form has {len(values)} fields named {field!r}; send exactly one image",
+                               slug="several-images")
+        upload = values[0] if values else None
         if not isinstance(upload, UploadFile):
-            raise ProblemError(422, "Missing image", f"the form has no file field named {field!r}",
+            detail = (f"the form's field {field!r} is text, not a file" if upload is not None
+                      else f"the form has no file field named {field!r}")
+            raise ProblemError(422, "Missing image", f"{detail} (curl -F {field}=@photo.jpg)",
                                slug="missing-image")
         data = await upload.read()
     finally:

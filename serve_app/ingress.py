@@ -28,6 +28,7 @@ from serve_app import exports, imaging
 from serve_app.config import AppConfig
 from serve_app.jobs import Job, JobStatus, JobStore, QueueFull, new_job_id
 from serve_app.layer_jobs import KIND, LayerJobRunner, input_key, job_json, layer_key, manifest_key
+from serve_app.openapi import install_openapi
 from serve_app.problems import ProblemError, install_problem_handlers
 from serve_app.schemas import (
     PROBLEM_RESPONSES,
@@ -47,6 +48,7 @@ app = FastAPI(
     summary="Background removal and layer decomposition, self-hosted on Ray Serve.",
 )
 install_problem_handlers(app)
+install_openapi(app)
 
 # The web UI: static files of frontend/ (the repository root is the parent of serve_app/).
 FRONTEND_DIR = FilePath(__file__).resolve().parent.parent / "frontend"

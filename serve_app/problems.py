@@ -50,18 +50,22 @@ def _describe_validation_error(error: dict) -> str:
     return f"{where}: {error.get('msg', 'invalid')}" if where else error.get("msg", "invalid")
 
 
-def _allowed_methods(request: Request) -> str:
-    """Every method some route serves at this request's path, for a 405's `Allow`.
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
 
-    Starlette's router names only the methods of the first route matching the
-    path, so a path served by two routes (GET and DELETE) would advertise one.
+
+def _allowed_methods(request: Request) -> str:
+    """Every method the app serves at this request's path, for a 405's `Allow`.
+
+    Starlette names only the methods of the first route matching the path, so
+    a path served by two routes (GET and DELETE) would advertise one. Each
+    method is tried against the app's routes as the router would match it.
     """
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        match, _ = route.matches(request.scope)
-        if match != Match.NONE:
-            methods |= getattr(route, "methods", None) or set()
-    return ", ".join(sorted(methods))
+    allowed = []
+    for method in _METHODS:
+        probe = {**request.scope, "method": method}
+        if any(route.matches(probe)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
 
 
 def install_problem_handlers(app: FastAPI) -> None:

@@ -44,6 +44,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serve_app.config import AuthConfig, CorsConfig
 from serve_app.problems import problem_response
+from serve_app.schemas import Problem
 
 __all__ = ["AccessControl", "AccessMiddleware", "ConfiguredCORSMiddleware", "ENV_VAR", "is_open_path",
            "request_owner"]
@@ -259,7 +260,7 @@ def declare_in_openapi(app) -> None:
             return app.openapi_schema
         schema = build()
         schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
-        problem = {"application/problem+json": {"schema": {"$ref": "#/components/schemas/Problem"}}}
+        problem = {"application/problem+json": {"schema": Problem.model_json_schema()}}
         for path, operations in schema.get("paths", {}).items():
             if is_open_path(path):
                 continue

@@ -25,6 +25,9 @@ class UploadLimits(BaseModel):
     max_upload_mb: float = Field(20, gt=0, description="Largest accepted upload, enforced while reading.")
     max_pixels: int = Field(40_000_000, gt=0, description="Largest accepted width x height, checked from the header before decoding.")
     min_side: int = Field(16, ge=1, description="Smallest accepted width or height.")
+    upload_timeout_s: float = Field(
+        30, gt=0, description="Longest wait for the next bytes of an upload; a client silent this long gets 408.",
+    )
 
     @property
     def max_upload_bytes(self) -> int:

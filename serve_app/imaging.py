@@ -200,6 +200,12 @@ _PIL_CLASSES = {
     "tiff": TiffImagePlugin.TiffImageFile,
 }
 
+# Pillow refuses a PNG whose compressed text or ICC chunk inflates past
+# MAX_TEXT_CHUNK (1 MB by default) as broken, but printer ICC profiles run to a
+# few MB. 16 MB still stops a metadata bomb; MAX_TEXT_MEMORY (64 MB) still bounds
+# all of a file's text chunks together.
+PngImagePlugin.MAX_TEXT_CHUNK = 16 * 1024 * 1024
+
 # --------------------------------------------------------------------------- decoding
 
 

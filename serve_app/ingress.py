@@ -12,6 +12,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app import access
 from serve_app.config import AppConfig
+from serve_app.openapi import install_openapi
 from serve_app.problems import install_problem_handlers
 from serve_app.routes import (
     background,
@@ -35,6 +36,7 @@ app = FastAPI(
     summary="Background removal and layer decomposition, self-hosted on Ray Serve.",
 )
 install_problem_handlers(app)
+install_openapi(app)
 # Strata's own API, then the other projects' APIs answered on the same service.
 for family in (health, background, jobs, rembg_compat, removebg_compat, layer_saas_compat, web):
     app.include_router(family.router)

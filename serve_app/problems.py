@@ -12,6 +12,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 PROBLEM_MEDIA_TYPE = "application/problem+json"
 logger = logging.getLogger("ray.serve")
@@ -49,6 +50,24 @@ def _describe_validation_error(error: dict) -> str:
     return f"{where}: {error.get('msg', 'invalid')}" if where else error.get("msg", "invalid")
 
 
+_METHODS = ("GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS")
+
+
+def _allowed_methods(request: Request) -> str:
+    """Every method the app serves at this request's path, for a 405's `Allow`.
+
+    Starlette names only the methods of the first route matching the path, so
+    a path served by two routes (GET and DELETE) would advertise one. Each
+    method is tried against the app's routes as the router would match it.
+    """
+    allowed = []
+    for method in _METHODS:
+        probe = {**request.scope, "method": method}
+        if any(route.matches(probe)[0] == Match.FULL for route in request.app.router.routes):
+            allowed.append(method)
+    return ", ".join(allowed)
+
+
 def install_problem_handlers(app: FastAPI) -> None:
     """Make every error of `app` a problem+json response."""
 
@@ -68,8 +87,11 @@ def install_problem_handlers(app: FastAPI) -> None:
     async def _http(request: Request, exc: StarletteHTTPException):
         title = {404: "Not found", 405: "Method not allowed"}.get(exc.status_code, "HTTP error")
         detail = exc.detail if isinstance(exc.detail, str) else title
+        headers = dict(getattr(exc, "headers", None) or {})
+        if exc.status_code == 405 and (allowed := _allowed_methods(request)):
+            headers["Allow"] = allowed
         return problem_response(request, exc.status_code, title, detail,
-                                slug=title.lower().replace(" ", "-"), headers=getattr(exc, "headers", None))
+                                slug=title.lower().replace(" ", "-"), headers=headers)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):

@@ -71,12 +71,15 @@ class Health(BaseModel):
     layer_models: dict[str, ModelHealth] = Field(description="Layer-decomposition models.")
 
 
+# Errors are sent as application/problem+json only: declare that media type, with its schema.
 PROBLEM_RESPONSES = {
-    status: {"model": Problem, "description": description, "content": {"application/problem+json": {}}}
+    status: {"description": description,
+             "content": {"application/problem+json": {"schema": Problem.model_json_schema()}}}
     for status, description in {
-        408: "Fetching `image_url` timed out",
-        413: "Upload, fetched image or image too large",
+        400: "Empty, truncated or corrupt image, or a malformed multipart body",
         404: "No such job or file",
+        408: "The upload stalled (no bytes for the upload timeout), or fetching `image_url` timed out",
+        413: "Upload, fetched image or image too large",
         415: "Not an image this service reads",
         422: "Invalid parameters or image",
         503: "Busy: retry after the Retry-After header's seconds",

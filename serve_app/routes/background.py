@@ -26,7 +26,7 @@ async def remove_background(request: Request, params: Annotated[RemoveBackground
                             service: Annotated[StrataService, Depends(current_service)]) -> Response:
     # The model name is checked before the upload is read: a bad name costs no transfer or fetch.
     service.model_name(params.model)
-    data = await read_image_input(request, "image", service.config.limits.max_upload_bytes, params.image_url,
+    data = await read_image_input(request, "image", service.config.limits, params.image_url,
                                   service.fetch_image_url)
     cutout = await service.remove_background(data, params)
     rendered = cutout.rendered

@@ -46,7 +46,7 @@ async def create_layers_job(request: Request, params: Annotated[LayersParams, Qu
                             ) -> Response:
     # The model is checked before the upload is read: a bad name costs no transfer or fetch.
     service.layer_model_name(params.model)
-    data = await read_image_input(request, "image", service.config.limits.max_upload_bytes, params.image_url,
+    data = await read_image_input(request, "image", service.config.limits, params.image_url,
                                   service.fetch_image_url)
     job = await service.submit_layer_job(data, params, owner=owner)
     wait_s = min(_prefer_wait(prefer), service.config.jobs.max_wait_s)

@@ -137,7 +137,7 @@ def _zip_response(data: bytes, filename: str) -> Response:
 )
 async def decompose(request: Request, service: Service, owner: Owner) -> Response:
     service.layer_model_name(None)  # a deployment without layer models says so before the upload
-    form = await read_form(request, service.config.limits.max_upload_bytes)
+    form = await read_form(request, service.config.limits)
     upload = form.files.get("image")
     if upload is None:
         raise missing_field("image")

@@ -140,7 +140,7 @@ async def remove_uploaded(request: Request, service: Service) -> Response:
     # A model named in the query is checked before the upload is read: a bad name costs no transfer.
     if "model" in request.query_params:
         _served_model(service, request.query_params["model"])
-    form = await read_form(request, service.config.limits.max_upload_bytes)
+    form = await read_form(request, service.config.limits)
     upload = form.files.get("file")
     if upload is None:
         raise missing_field("file")

@@ -59,6 +59,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app import imaging
+from serve_app.config import UploadLimits
 from serve_app.problems import ProblemError
 from serve_app.service import Matte, StrataService, current_service
 from serve_app.uploads import is_multipart, read_body, read_form
@@ -288,15 +289,15 @@ def _as_field(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-async def read_request(request: Request, max_upload_bytes: int) -> RemoveBgRequest:
+async def read_request(request: Request, limits: UploadLimits) -> RemoveBgRequest:
     """The request's fields from a multipart, JSON or URL-encoded body, bounded while read."""
     # A base64 image is 4/3 the size of the file.
-    max_b64_bytes = max_upload_bytes * 4 // 3 + 4
+    max_b64_bytes = limits.max_upload_bytes * 4 // 3 + 4
     if is_multipart(request):
-        form = await read_form(request, max_upload_bytes, max_field_bytes=max_b64_bytes)
+        form = await read_form(request, limits, max_field_bytes=max_b64_bytes)
         upload = form.files.get("image_file")
         return RemoveBgRequest(dict(form.fields), upload.data if upload else None)
-    body = await read_body(request, max_b64_bytes + 64 * 1024)
+    body = await read_body(request, max_b64_bytes + 64 * 1024, limits.upload_timeout_s)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
         try:
@@ -486,7 +487,7 @@ def _wants_json(request: Request) -> bool:
     }}},
 )
 async def remove_background(request: Request, service: Service) -> Response:
-    fields = await read_request(request, service.config.limits.max_upload_bytes)
+    fields = await read_request(request, service.config.limits)
     options = parse_options(fields.values)
     data = await _image_bytes(fields, service)
     matte = await service.matte(data, service.config.default_model, max_pixels=options.max_pixels)

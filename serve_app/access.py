@@ -249,16 +249,19 @@ SECURITY_SCHEMES = {
 }
 
 
-def declare_in_openapi(app) -> None:
-    """Make `app.openapi()` say which operations take a key (all but the open paths)
-    and that they may answer 401 and 429. Keys are optional per deployment; the
-    declaration says what is accepted where they are required."""
+def declare_in_openapi(app, access: Callable[[], "AccessControl"]) -> None:
+    """Make `app.openapi()` say, where this deployment requires keys (`access()`),
+    which operations take one (all but the open paths) and that they may answer
+    401 and 429. Without keys the document declares no security: it is open."""
     build = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = build()
+        if not access().keys_required:
+            app.openapi_schema = schema
+            return schema
         schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
         problem = {"application/problem+json": {"schema": Problem.model_json_schema()}}
         for path, operations in schema.get("paths", {}).items():

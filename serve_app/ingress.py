@@ -46,7 +46,7 @@ app.mount("/static", web.static_files(), name="static")
 # carry its headers too.
 app.add_middleware(access.AccessMiddleware, access=lambda: current_service().access, refusals=COMPAT_REFUSALS)
 app.add_middleware(access.ConfiguredCORSMiddleware, cors=lambda: current_service().config.cors)
-access.declare_in_openapi(app)
+access.declare_in_openapi(app, access=lambda: current_service().access)
 
 
 @serve.deployment(max_ongoing_requests=128)

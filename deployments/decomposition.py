@@ -14,7 +14,7 @@ from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, model_validator
 from ray import serve
 
 from deployments.engine import DecompositionCancelled, LayerEngine, LayerParams
@@ -44,6 +44,10 @@ class LayeredModelConfig(BaseModel):
     num_gpus: float = Field(0, ge=0, description="GPU share per replica; ignored on a cluster with no GPU.")
     num_cpus: float = Field(
         0.25, ge=0, description="CPU share per replica Ray reserves for scheduling (small, so all models fit a laptop)."
+    )
+    resources: dict[str, NonNegativeFloat] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per replica, e.g. {gpu_node: 0.01}: replicas run only on nodes that offer them.",
     )
 
     @model_validator(mode="after")

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, model_validator
 from ray import serve
 
 from deployments.engine import EngineInfo, SegmentationEngine
@@ -41,6 +41,10 @@ class SegmentationModelConfig(BaseModel):
     )
     num_cpus: float = Field(
         0.25, ge=0, description="CPU share per replica Ray reserves for scheduling (small, so all models fit a laptop)."
+    )
+    resources: dict[str, NonNegativeFloat] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per replica, e.g. {gpu_node: 0.01}: replicas run only on nodes that offer them.",
     )
 
     @model_validator(mode="after")

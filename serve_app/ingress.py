@@ -24,6 +24,7 @@ from starlette.concurrency import run_in_threadpool
 
 from deployments.decomposition import layer_deployment_name
 from deployments.engine import EngineInfo
+from deployments.metrics import RequestMetrics
 from serve_app import exports, imaging
 from serve_app.config import AppConfig
 from serve_app.jobs import Job, JobStatus, JobStore, QueueFull, new_job_id
@@ -116,6 +117,7 @@ class Ingress:
         self._decomposers = decomposers
         self._limits = imaging.ImageLimits(max_pixels=config.limits.max_pixels, min_side=config.limits.min_side)
         self._engine_infos: dict[str, EngineInfo] = {}
+        self._request_metrics = RequestMetrics()
         jobs = config.jobs
         store = await run_in_threadpool(JobStore, jobs.url)
         storage = LocalStorage(FilePath(jobs.data_dir).resolve())
@@ -153,6 +155,7 @@ class Ingress:
             imaging.render_cutout, image, full_mask, output=params.output, format=params.format,
             bg_color=bg_color, crop=params.crop, refine_foreground=params.refine_foreground,
         )
+        self._request_metrics.observe("/v1/remove-background", model, time.perf_counter() - started)
         return Response(
             rendered.data,
             media_type=rendered.media_type,

@@ -18,6 +18,8 @@ not import torch, so it imports nothing but Ray.
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Mapping
 
 from ray.serve.metrics import Gauge, Histogram
@@ -28,6 +30,40 @@ from deployments.engine import EngineInfo
 LATENCY_BUCKETS_S = [0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600]
 # One bucket per size up to 4, then steps of about 1.5x up to the largest sensible batch.
 BATCH_SIZE_BUCKETS = [1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64]
+# Ray exports a gauge value at the first report after it was set, and only then;
+# its endpoint drops a value not reported for two report intervals (Ray's default
+# interval is 10 s, never under 1 s). So held gauge values are set again this
+# often until they change, as Serve does with its own gauges.
+GAUGE_REFRESH_S = 1.0
+
+
+class HeldGauges:
+    """Gauge values set again every GAUGE_REFRESH_S (by one daemon thread) until set anew."""
+
+    def __init__(self) -> None:
+        self._values: dict[tuple[int, tuple[tuple[str, str], ...]], tuple[Gauge, float, dict[str, str]]] = {}
+        # Held while setting, so a refresh never sets a value older than the last one.
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def set(self, gauge: Gauge, value: float, tags: dict[str, str]) -> None:
+        """Set `gauge` to `value` for these tags now, and again every GAUGE_REFRESH_S."""
+        with self._lock:
+            gauge.set(value, tags=tags)
+            self._values[(id(gauge), tuple(sorted(tags.items())))] = (gauge, value, tags)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._refresh, name="strata-gauges", daemon=True)
+                self._thread.start()
+
+    def _refresh(self) -> None:
+        while True:
+            time.sleep(GAUGE_REFRESH_S)
+            with self._lock:
+                for gauge, value, tags in self._values.values():
+                    gauge.set(value, tags=tags)
+
+
+_held = HeldGauges()
 
 
 class ModelMetrics:
@@ -52,14 +88,13 @@ class ModelMetrics:
             tag_keys=("model",),
         )
         self._queue_depth.set_default_tags({"model": model})
-        self._queue_depth.set(0)
-        # Kept referenced: the value is re-exported on every report interval.
-        self._engine = Gauge(
+        _held.set(self._queue_depth, 0, {})
+        engine = Gauge(
             "strata_engine",
             description="1 for the engine a replica actually runs (after any fallback) and its device.",
             tag_keys=("model", "engine", "device"),
         )
-        self._engine.set(1, tags={"model": model, "engine": info.engine, "device": info.device})
+        _held.set(engine, 1, {"model": model, "engine": info.engine, "device": info.device})
 
     def observe_call(self, seconds: float) -> None:
         """One model call finished after `seconds`."""
@@ -71,7 +106,7 @@ class ModelMetrics:
 
     def set_queue_depth(self, depth: int) -> None:
         """Requests now waiting (segmentation) or jobs now in flight (layer models)."""
-        self._queue_depth.set(depth)
+        _held.set(self._queue_depth, depth, {})
 
 
 class RequestMetrics:
@@ -99,4 +134,4 @@ class JobMetrics:
     def report(self, counts: Mapping[str, int]) -> None:
         """Set the gauge to these counts per state."""
         for status, count in counts.items():
-            self._jobs.set(count, tags={"status": status})
+            _held.set(self._jobs, count, {"status": status})

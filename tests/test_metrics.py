@@ -16,7 +16,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from deployments.metrics import BATCH_SIZE_BUCKETS
+from deployments.metrics import BATCH_SIZE_BUCKETS, GAUGE_REFRESH_S, HeldGauges
 from tests.conftest import deploy_config, tiny_config
 from tests.test_remove_background_api import post_image, red_disc_png
 
@@ -165,3 +165,33 @@ def test_jobs_gauge_counts_a_finished_job(metered, metrics_url):
     layer_call = {"model": "metered", "engine": "classic", "deployment": "layers-metered"}
     samples = wait_for(metrics_url, lambda s: total(s, "ray_strata_model_latency_seconds_count", **layer_call) == 1)
     assert values(samples, "ray_strata_queue_depth", model="metered", deployment="layers-metered") == [0]
+
+
+class RecordingGauge:
+    """Stands in for a Ray gauge to see what is set when: a real one's sets are
+    only visible on the endpoint, where a value set once lapses after two report
+    intervals (20 s by default) and not within a test's time."""
+
+    def __init__(self) -> None:
+        self.sets: list[tuple[float, dict[str, str]]] = []
+
+    def set(self, value: float, tags: dict[str, str]) -> None:
+        self.sets.append((value, dict(tags)))
+
+
+def test_held_gauge_values_are_set_again_until_they_change():
+    held, gauge = HeldGauges(), RecordingGauge()
+    held.set(gauge, 3, {"model": "a"})
+    held.set(gauge, 1, {"model": "b"})
+    deadline = time.monotonic() + 10 * GAUGE_REFRESH_S
+    while gauge.sets.count((3, {"model": "a"})) < 3:
+        assert time.monotonic() < deadline, gauge.sets
+        time.sleep(0.05)
+    held.set(gauge, 0, {"model": "a"})
+    resets = len(gauge.sets)
+    while len(gauge.sets) < resets + 4:
+        assert time.monotonic() < deadline, gauge.sets
+        time.sleep(0.05)
+    later = gauge.sets[resets:]
+    assert (0, {"model": "a"}) in later and (1, {"model": "b"}) in later
+    assert (3, {"model": "a"}) not in later

@@ -10,15 +10,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, model_validator
 from ray import serve
 
 from deployments.engine import DecompositionCancelled, LayerEngine, LayerParams
 from deployments.loading import health_report, load_with_fallback
+from deployments.metrics import ModelMetrics
 
 class LayeredModelConfig(BaseModel):
     """One layer-decomposition model, as the config file's `args.layered.<name>`."""
@@ -44,6 +46,10 @@ class LayeredModelConfig(BaseModel):
     num_gpus: float = Field(0, ge=0, description="GPU share per replica; ignored on a cluster with no GPU.")
     num_cpus: float = Field(
         0.25, ge=0, description="CPU share per replica Ray reserves for scheduling (small, so all models fit a laptop)."
+    )
+    resources: dict[str, NonNegativeFloat] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per replica, e.g. {gpu_node: 0.01}: replicas run only on nodes that offer them.",
     )
 
     @model_validator(mode="after")
@@ -89,6 +95,8 @@ class LayerDecompositionDeployment:
         self._name = name
         self._config = config
         self._engine, self._fallback_reason = load_layer_engine(name, config)
+        self._metrics = ModelMetrics(name, self._engine.info)
+        self._in_flight = 0
 
     async def decompose(self, image: np.ndarray, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         """Yields {"type": "progress", "step", "total"} per step, then
@@ -102,7 +110,11 @@ class LayerDecompositionDeployment:
             loop.call_soon_threadsafe(events.put_nowait, {"type": "progress", "step": step, "total": total})
             return not stop.is_set()
 
+        started = time.perf_counter()
         work = asyncio.ensure_future(asyncio.to_thread(self._engine.decompose, image, layer_params, on_step))
+        self._in_flight += 1
+        self._metrics.set_queue_depth(self._in_flight)
+        work.add_done_callback(self._decomposition_ended)
         try:
             while True:
                 getter = asyncio.ensure_future(events.get())
@@ -115,6 +127,7 @@ class LayerDecompositionDeployment:
                     yield events.get_nowait()
                 break
             layers = work.result()  # raises DecompositionCancelled or the engine's error
+            self._metrics.observe_call(time.perf_counter() - started)
             yield {"type": "layers", "layers": layers, "engine": self._engine.info.engine}
         finally:
             # The caller cancelled (or went away): the engine stops at its next step.
@@ -124,6 +137,12 @@ class LayerDecompositionDeployment:
                     await asyncio.shield(work)
                 except (DecompositionCancelled, Exception):
                     pass
+
+    def _decomposition_ended(self, _work: asyncio.Future) -> None:
+        # The engine call's end, however the stream ended (a cancelled engine
+        # runs on to its next step).
+        self._in_flight -= 1
+        self._metrics.set_queue_depth(self._in_flight)
 
     def health(self) -> dict[str, Any]:
         """What /v1/health reports for this replica."""

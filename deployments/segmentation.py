@@ -8,15 +8,17 @@ deployment's `user_config`, so they change at run time without a restart.
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import numpy as np
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, model_validator
 from ray import serve
 
 from deployments.engine import EngineInfo, SegmentationEngine
 from deployments.loading import health_report, load_with_fallback
+from deployments.metrics import ModelMetrics
 
 class SegmentationModelConfig(BaseModel):
     """One background-removal model, as the config file's `args.segmentation.<name>`."""
@@ -41,6 +43,10 @@ class SegmentationModelConfig(BaseModel):
     )
     num_cpus: float = Field(
         0.25, ge=0, description="CPU share per replica Ray reserves for scheduling (small, so all models fit a laptop)."
+    )
+    resources: dict[str, NonNegativeFloat] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per replica, e.g. {gpu_node: 0.01}: replicas run only on nodes that offer them.",
     )
 
     @model_validator(mode="after")
@@ -68,6 +74,13 @@ class Segmentation:
     mask: np.ndarray
     engine: str
     batch_size: int
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """One request on its way into a batch (hashable by identity, for the queue count)."""
+
+    image: np.ndarray = field(repr=False)
 
 
 def load_engine(name: str, config: SegmentationModelConfig) -> tuple[SegmentationEngine, str | None]:
@@ -99,24 +112,45 @@ class SegmentationDeployment:
         self._config = config
         self._engine, self._fallback_reason = load_engine(name, config)
         self._batching = BatchingConfig()
+        self._metrics = ModelMetrics(name, self._engine.info)
+        self._waiting: set[_Waiting] = set()
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply a new `user_config` (batch size and wait) without restarting."""
         self._batching = BatchingConfig.model_validate(user_config or {})
-        self.segment.set_max_batch_size(self._batching.max_batch_size)
-        self.segment.set_batch_wait_timeout_s(self._batching.batch_wait_timeout_s)
+        self._segment_batch.set_max_batch_size(self._batching.max_batch_size)
+        self._segment_batch.set_batch_wait_timeout_s(self._batching.batch_wait_timeout_s)
 
     def info(self) -> EngineInfo:
         """The engine's input wishes, so the caller resizes once, on its side."""
         return self._engine.info
 
+    async def segment(self, image: np.ndarray) -> Segmentation:
+        """The mask of one RGB uint8 image at the size sent, computed in a batch."""
+        waiting = _Waiting(image)
+        self._waiting.add(waiting)
+        self._report_waiting()
+        try:
+            return await self._segment_batch(waiting)
+        finally:  # also when the caller gave up before its batch started
+            self._waiting.discard(waiting)
+            self._report_waiting()
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def segment(self, images: list[np.ndarray]) -> list[Segmentation]:
-        """Masks for RGB uint8 images, each at the size sent."""
+    async def _segment_batch(self, requests: list[_Waiting]) -> list[Segmentation]:
+        """Masks for the requests of one batch: one engine call."""
+        self._waiting.difference_update(requests)
+        self._report_waiting()
+        self._metrics.observe_batch(len(requests))
+        started = time.perf_counter()
         # The engine call blocks; a thread keeps this replica's loop free to queue
         # the next batch meanwhile.
-        masks = await asyncio.to_thread(self._engine.predict, images)
-        return [Segmentation(mask, self._engine.info.engine, len(images)) for mask in masks]
+        masks = await asyncio.to_thread(self._engine.predict, [request.image for request in requests])
+        self._metrics.observe_call(time.perf_counter() - started)
+        return [Segmentation(mask, self._engine.info.engine, len(requests)) for mask in masks]
+
+    def _report_waiting(self) -> None:
+        self._metrics.set_queue_depth(len(self._waiting))
 
     def health(self) -> dict[str, Any]:
         """What /v1/health reports for this replica."""

@@ -17,10 +17,12 @@ def _cluster_has_gpus() -> bool:
     return ray.is_initialized() and ray.cluster_resources().get("GPU", 0) > 0
 
 
-def _resources(num_cpus: float, num_gpus: float, has_gpus: bool) -> dict[str, float]:
+def _actor_options(num_cpus: float, num_gpus: float, resources: dict[str, float],
+                   has_gpus: bool) -> dict[str, Any]:
     # A GPU share on a GPU-less cluster would never schedule: the same config
-    # then serves on CPU.
-    return {"num_cpus": num_cpus, "num_gpus": num_gpus if has_gpus else 0}
+    # then serves on CPU. Custom resources are kept: they pin replicas to the
+    # nodes that offer them.
+    return {"num_cpus": num_cpus, "num_gpus": num_gpus if has_gpus else 0, "resources": dict(resources)}
 
 
 def build_app(args: dict[str, Any]) -> Application:
@@ -30,16 +32,17 @@ def build_app(args: dict[str, Any]) -> Application:
     segmenters = {
         name: SegmentationDeployment.options(
             name=name,
-            ray_actor_options=_resources(model.num_cpus, model.num_gpus, has_gpus),
+            ray_actor_options=_actor_options(model.num_cpus, model.num_gpus, model.resources, has_gpus),
         ).bind(name, model)
         for name, model in config.segmentation.items()
     }
     decomposers = {
         name: LayerDecompositionDeployment.options(
             name=layer_deployment_name(name),
-            ray_actor_options=_resources(model.num_cpus, model.num_gpus, has_gpus),
+            ray_actor_options=_actor_options(model.num_cpus, model.num_gpus, model.resources, has_gpus),
         ).bind(name, model)
         for name, model in config.layered.items()
     }
-    ingress = Ingress.options(ray_actor_options={"num_cpus": config.ingress_num_cpus})
+    ingress = Ingress.options(ray_actor_options={"num_cpus": config.ingress_num_cpus,
+                                                 "resources": dict(config.ingress_resources)})
     return ingress.bind(config, segmenters, decomposers)

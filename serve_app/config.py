@@ -11,7 +11,7 @@ import os
 import re
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeFloat, field_validator, model_validator
 
 from deployments.decomposition import LayeredModelConfig
 from deployments.segmentation import SegmentationModelConfig
@@ -204,6 +204,10 @@ class AppConfig(BaseModel):
     cors: CorsConfig = Field(default_factory=CorsConfig)
     ingress_num_cpus: float = Field(
         0.5, ge=0, description="CPU share per ingress replica Ray reserves for scheduling."
+    )
+    ingress_resources: dict[str, NonNegativeFloat] = Field(
+        default_factory=dict,
+        description="Custom Ray resources per ingress replica, e.g. {cpu_node: 0.01}: it runs only on nodes that offer them.",
     )
     retry_after_s: int = Field(1, ge=1, description="Retry-After seconds sent with 503 when a queue is full.")
     model_timeout_s: float = Field(120, gt=0, description="Longest wait for one model call before answering 503.")

@@ -23,12 +23,15 @@ import numpy as np
 from ray.serve.handle import DeploymentHandle
 from starlette.concurrency import run_in_threadpool
 
+from deployments.metrics import JobMetrics
 from serve_app import exports, imaging
 from serve_app.jobs import Job, JobStatus, JobStore, Renewal
 from serve_app.storage import Storage
 
 logger = logging.getLogger("ray.serve")
 KIND = "layers"
+# How often each runner refreshes the strata_jobs gauge from the store.
+JOB_METRICS_EVERY_S = 5.0
 
 
 def input_key(job_id: str) -> str:
@@ -64,6 +67,8 @@ class LayerJobRunner:
         self._listeners: dict[str, set[asyncio.Queue]] = defaultdict(set)
         self._loop_task: asyncio.Task | None = None
         self._last_expiry = float("-inf")
+        self._job_metrics = JobMetrics()
+        self._last_job_metrics = float("-inf")
 
     # -- lifecycle -------------------------------------------------------------
 
@@ -82,6 +87,9 @@ class LayerJobRunner:
                 if time.monotonic() - self._last_expiry >= 60:
                     self._last_expiry = time.monotonic()
                     await self.expire_finished()
+                if time.monotonic() - self._last_job_metrics >= JOB_METRICS_EVERY_S:
+                    self._last_job_metrics = time.monotonic()
+                    await self.report_job_counts()
             except Exception:  # the loop must outlive a database hiccup
                 logger.exception("layer job dispatch failed; retrying")
             try:
@@ -119,6 +127,12 @@ class LayerJobRunner:
         """Delete finished jobs older than the retention, with their files."""
         for job_id in await run_in_threadpool(self.store.expired, self._retention_s):
             await run_in_threadpool(self.delete_files_and_row, job_id)
+
+    async def report_job_counts(self) -> None:
+        """Set the strata_jobs gauge to the store's job counts by state."""
+        counts = await run_in_threadpool(
+            lambda: {status.value: self.store.count(status, kind=KIND) for status in JobStatus})
+        self._job_metrics.report(counts)
 
     def delete_files_and_row(self, job_id: str) -> None:
         """Remove a finished job: its files first, then its row."""

@@ -26,6 +26,7 @@ from starlette.concurrency import run_in_threadpool
 
 from deployments.decomposition import layer_deployment_name
 from deployments.engine import EngineInfo
+from deployments.metrics import RequestMetrics
 from serve_app import exports, imaging
 from serve_app.access import AccessControl
 from serve_app.config import AppConfig
@@ -98,6 +99,7 @@ class StrataService:
         self.jobs = jobs
         self._limits = imaging.ImageLimits(max_pixels=config.limits.max_pixels, min_side=config.limits.min_side)
         self._engine_infos: dict[str, EngineInfo] = {}
+        self.request_metrics = RequestMetrics()
         urls = config.url_inputs
         self._url_fetcher = UrlFetcher(max_bytes=config.url_max_bytes, timeout_s=urls.timeout_s,
                                        max_redirects=urls.max_redirects,

@@ -53,12 +53,24 @@ def serve_instance():
     import ray
     from ray import serve
 
-    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False)
+    ray.init(num_cpus=8, include_dashboard=False, configure_logging=False,
+             _metrics_export_port=_free_port(),
+             # Workers report metrics every second, not every 10 s: metrics tests wait less.
+             _system_config={"metrics_report_interval_ms": 1000})
     port = _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def metrics_url(serve_instance) -> str:
+    """The Prometheus endpoint of the session's Ray node (Ray's and Strata's metrics)."""
+    import ray
+
+    node = ray.nodes()[0]
+    return f"http://{node['NodeManagerAddress']}:{node['MetricsExportPort']}/metrics"
 
 
 def load_config(name: str) -> dict:

@@ -1,4 +1,5 @@
-"""The OpenAPI document the ingress serves at /openapi.json.
+"""The OpenAPI document the ingress serves at /openapi.json, and the pieces
+several route modules declare in it.
 
 Ray Serve runs a pickled copy of the FastAPI app in each ingress replica. In
 that copy FastAPI no longer recognises its own "unset" marker on parameters,
@@ -34,3 +35,24 @@ def openapi_document(app: FastAPI) -> dict[str, Any]:
 def install_openapi(app: FastAPI) -> None:
     """Make `app` serve :func:`openapi_document` (it survives pickling: a partial of a module function)."""
     app.openapi = partial(openapi_document, app)
+
+
+# A multipart upload with one `image` file field. The routes read it themselves,
+# streaming and size-limited (serve_app/uploads.py), so FastAPI cannot infer it.
+# Optional: a request that names its image with `image_url` sends no body.
+IMAGE_BODY = {
+    "requestBody": {
+        "required": False,
+        "description": "The image as the file field `image`; omit the body when `image_url` names the image.",
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["image"],
+                    "properties": {"image": {"type": "string", "format": "binary",
+                                             "description": "JPEG, PNG, WebP, BMP or TIFF"}},
+                }
+            }
+        },
+    }
+}

@@ -5,7 +5,7 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, Query, Request, Response
 
-from serve_app.routes.openapi import IMAGE_BODY
+from serve_app.openapi import IMAGE_BODY
 from serve_app.schemas import PROBLEM_RESPONSES, RemoveBackgroundParams
 from serve_app.service import StrataService, current_service
 from serve_app.uploads import read_image_input

@@ -10,7 +10,7 @@ from sse_starlette import EventSourceResponse
 
 from serve_app.access import request_owner
 from serve_app.layer_jobs import job_json
-from serve_app.routes.openapi import IMAGE_BODY
+from serve_app.openapi import IMAGE_BODY
 from serve_app.schemas import PROBLEM_RESPONSES, JobList, JobView, LayersParams
 from serve_app.service import StrataService, current_service
 from serve_app.uploads import read_image_input

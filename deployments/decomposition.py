@@ -38,6 +38,11 @@ class LayeredModelConfig(BaseModel):
     attention_backend: str | None = Field(
         None, description="diffusers attention backend (native, flash, _flash_3, sage, ...); unset: torch SDPA."
     )
+    first_block_cache_threshold: float | None = Field(
+        None, gt=0, description="diffusers First Block Cache: skip the other transformer blocks when the first "
+        "block's output changed less than this since the last step (0.05-0.1: faster, slightly different); unset: off.",
+    )
+    warmup: bool = Field(True, description="Run one 1-step decomposition at start so the first job does not pay start-up.")
     fallback: Literal["classic"] | None = Field(
         None, description="Serve this engine instead when the model cannot run here; unset: a startup error."
     )
@@ -71,7 +76,9 @@ def load_layer_engine(name: str, config: LayeredModelConfig) -> tuple[LayerEngin
     def build() -> LayerEngine:
         return QwenLayeredEngine(weights=config.weights, device=config.device, dtype=config.dtype,
                                  cpu_offload=config.cpu_offload, attention_backend=config.attention_backend,
-                                 revision=config.revision)
+                                 revision=config.revision,
+                                 first_block_cache_threshold=config.first_block_cache_threshold,
+                                 warmup=config.warmup)
 
     return load_with_fallback(name, config.weights, build, ClassicLayerEngine if config.fallback else None)
 

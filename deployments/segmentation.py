@@ -30,9 +30,16 @@ class SegmentationModelConfig(BaseModel):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="auto: bfloat16/float16 on GPU, float32 on CPU."
+        "auto", description="auto: bfloat16 (float16 before Ampere) on GPU, float32 on CPU; bfloat16 is honoured on CPU too."
     )
     input_size: int = Field(1024, ge=32, description="Square side the model runs at (BiRefNet: 1024; BiRefNet_HR: 2048).")
+    dynamic_size: bool = Field(
+        False, description="BiRefNet_dynamic: each image at its own aspect, longer side <= input_size, sides multiples of 32."
+    )
+    channels_last: bool = Field(False, description="NHWC weights and input (faster convolutions on tensor-core GPUs).")
+    compile: bool = Field(False, description="torch.compile the model (compiled during the warm-up at start).")
+    pin_memory: bool = Field(True, description="CUDA: stage batches in reused page-locked buffers, copy non-blocking.")
+    warmup: bool = Field(True, description="Run the model at start so the first request does not pay for initialisation.")
     fallback: Literal["classic"] | None = Field(
         None, description="Serve this engine instead when the weights cannot be had; unset: a startup error."
     )
@@ -81,7 +88,9 @@ def load_engine(name: str, config: SegmentationModelConfig) -> tuple[Segmentatio
 
     def build() -> SegmentationEngine:
         return BiRefNetEngine(weights=config.weights, device=config.device, dtype=config.dtype,
-                              input_size=config.input_size, revision=config.revision)
+                              input_size=config.input_size, revision=config.revision,
+                              dynamic_size=config.dynamic_size, channels_last=config.channels_last,
+                              compile=config.compile, pin_memory=config.pin_memory, warmup=config.warmup)
 
     return load_with_fallback(name, config.weights, build, ClassicCutoutEngine if config.fallback else None)
 

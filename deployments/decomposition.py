@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -98,15 +99,17 @@ class LayerDecompositionDeployment:
         self._engine, self._fallback_reason = load_layer_engine(name, config)
 
     async def decompose(self, image: np.ndarray, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Yields {"type": "progress", "step", "total"} per step, then
-        {"type": "layers", "layers": [HxWx4 uint8], "engine"}."""
+        """Yields {"type": "progress", "step", "total", "at"} per step (``at``: when the
+        engine finished the step, epoch seconds), then {"type": "layers", "layers":
+        [HxWx4 uint8], "engine"}."""
         layer_params = LayerParams(**params)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         stop = threading.Event()
 
         def on_step(step: int, total: int) -> bool:
-            loop.call_soon_threadsafe(events.put_nowait, {"type": "progress", "step": step, "total": total})
+            event = {"type": "progress", "step": step, "total": total, "at": time.time()}
+            loop.call_soon_threadsafe(events.put_nowait, event)
             return not stop.is_set()
 
         work = asyncio.ensure_future(asyncio.to_thread(self._engine.decompose, image, layer_params, on_step))

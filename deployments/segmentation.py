@@ -96,7 +96,8 @@ def load_engine(name: str, config: SegmentationModelConfig) -> tuple[Segmentatio
 
 
 @serve.deployment(
-    # Large enough for batches to fill: requests wait in the replica, not the router.
+    # Large enough for batches to fill, and for load to queue here rather than in the
+    # caller's router (which retries a full replica with back-off of up to 0.5 s).
     max_ongoing_requests=64,
     user_config=BatchingConfig().model_dump(),
 )
@@ -108,20 +109,39 @@ class SegmentationDeployment:
         self._config = config
         self._engine, self._fallback_reason = load_engine(name, config)
         self._batching = BatchingConfig()
+        self._in_flight = 0  # requests in this replica (all on its one event loop)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply a new `user_config` (batch size and wait) without restarting."""
         self._batching = BatchingConfig.model_validate(user_config or {})
-        self.segment.set_max_batch_size(self._batching.max_batch_size)
-        self.segment.set_batch_wait_timeout_s(self._batching.batch_wait_timeout_s)
+        self._segment_batch.set_max_batch_size(self._batching.max_batch_size)
+        self._segment_batch.set_batch_wait_timeout_s(self._batching.batch_wait_timeout_s)
 
     def info(self) -> EngineInfo:
         """The engine's input wishes, so the caller resizes once, on its side."""
         return self._engine.info
 
+    async def segment(self, image: np.ndarray) -> Segmentation:
+        """The mask for an RGB uint8 image, at the size sent.
+
+        A request that finds the replica idle runs at once, as a batch of one: waiting
+        `batch_wait_timeout_s` for company would only add latency at low load. Requests
+        that arrive while others are in the replica are batched.
+        """
+        self._in_flight += 1
+        try:
+            if self._in_flight == 1:
+                (result,) = await self._predict([image])
+                return result
+            return await self._segment_batch(image)
+        finally:
+            self._in_flight -= 1
+
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
-    async def segment(self, images: list[np.ndarray]) -> list[Segmentation]:
-        """Masks for RGB uint8 images, each at the size sent."""
+    async def _segment_batch(self, images: list[np.ndarray]) -> list[Segmentation]:
+        return await self._predict(images)
+
+    async def _predict(self, images: list[np.ndarray]) -> list[Segmentation]:
         # The engine call blocks; a thread keeps this replica's loop free to queue
         # the next batch meanwhile.
         masks = await asyncio.to_thread(self._engine.predict, images)

@@ -9,9 +9,10 @@ std; ``model(x)`` returns a list of logit maps, the last at full resolution; its
 sigmoid is the mask. No min-max stretch: a picture with no foreground gets an empty
 mask, not its noise amplified to 255.
 
-The caller (the ingress) resizes to ``info.input_size`` and resizes the mask back to
-the original size; an image of another size is still accepted here (resized in and the
-mask resized back), so ``predict`` always answers masks the size of its images.
+The caller (the ingress) shrinks larger images to ``info.input_size`` and resizes the
+mask back to the original size; smaller images come as they are. An image of another
+size is resized in here and its mask resized back (bilinearly), so ``predict`` always
+answers masks the size of its images.
 """
 
 from __future__ import annotations
@@ -205,7 +206,9 @@ class BiRefNetEngine(SegmentationEngine):
                 batch = [rgb[i] if rgb[i].shape[:2] == (h, w) else _resize(rgb[i], h, w) for i in indices]
                 for i, mask in zip(indices, self._run(batch, h, w)):
                     height, width = rgb[i].shape[:2]
-                    masks[i] = mask if mask.shape == (height, width) else _resize(mask, height, width)
+                    # Bilinear back to the image's size, as the models' own code does.
+                    same = mask.shape == (height, width)
+                    masks[i] = mask if same else _resize(mask, height, width, bilinear=True)
         return masks
 
     def _run(self, batch: list[np.ndarray], h: int, w: int) -> np.ndarray:
@@ -282,12 +285,14 @@ def _as_rgb(image: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(image)
 
 
-def _resize(image: np.ndarray, height: int, width: int) -> np.ndarray:
+def _resize(image: np.ndarray, height: int, width: int, bilinear: bool = False) -> np.ndarray:
+    """Resize to (height, width): area averaging when shrinking (no aliasing), else
+    bilinear; ``bilinear`` always (masks, as the models' code resizes them)."""
     import cv2
 
     shrink = height * width < image.shape[0] * image.shape[1]
-    return cv2.resize(image, (width, height),
-                      interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    interpolation = cv2.INTER_AREA if shrink and not bilinear else cv2.INTER_LINEAR
+    return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
 __all__ = ["BiRefNetEngine", "WeightsUnavailable", "HUB_IGNORE_PATTERNS"]

@@ -148,9 +148,9 @@ class Ingress:
         data = await read_upload(request, "image", self._config.limits.max_upload_bytes)
         image = await run_in_threadpool(self._decode, data)
         mask, engine, batch_size = await self._segment(model, image.rgb)
-        full_mask = await run_in_threadpool(imaging.resize_mask, mask, (image.width, image.height))
+        # render_cutout resizes the model-sized mask to the image in the same thread hop.
         rendered = await run_in_threadpool(
-            imaging.render_cutout, image, full_mask, output=params.output, format=params.format,
+            imaging.render_cutout, image, mask, output=params.output, format=params.format,
             bg_color=bg_color, crop=params.crop, refine_foreground=params.refine_foreground,
         )
         return Response(
@@ -377,7 +377,8 @@ class Ingress:
             info = self._engine_infos[model] = await self._model_call(model, handle.info.remote())
         height, width = rgb.shape[:2]
         size = imaging.model_input_size(width, height, info.input_size, info.max_side)
-        model_input = await run_in_threadpool(imaging.resize_image, rgb, size)
+        # Most inputs need a resize; one already the size to send skips the thread hop.
+        model_input = rgb if size == (width, height) else await run_in_threadpool(imaging.resize_image, rgb, size)
         result = await self._model_call(model, handle.segment.remote(model_input))
         return result.mask, result.engine, result.batch_size
 

@@ -40,6 +40,11 @@ class LayeredModelConfig(BaseModel):
     attention_backend: str | None = Field(
         None, description="diffusers attention backend (native, flash, _flash_3, sage, ...); unset: torch SDPA."
     )
+    first_block_cache_threshold: float | None = Field(
+        None, gt=0, description="diffusers First Block Cache: skip the other transformer blocks when the first "
+        "block's output changed less than this since the last step (0.05-0.1: faster, slightly different); unset: off.",
+    )
+    warmup: bool = Field(True, description="Run one 1-step decomposition at start so the first job does not pay start-up.")
     fallback: Literal["classic"] | None = Field(
         None, description="Serve this engine instead when the model cannot run here; unset: a startup error."
     )
@@ -77,7 +82,9 @@ def load_layer_engine(name: str, config: LayeredModelConfig) -> tuple[LayerEngin
     def build() -> LayerEngine:
         return QwenLayeredEngine(weights=config.weights, device=config.device, dtype=config.dtype,
                                  cpu_offload=config.cpu_offload, attention_backend=config.attention_backend,
-                                 revision=config.revision)
+                                 revision=config.revision,
+                                 first_block_cache_threshold=config.first_block_cache_threshold,
+                                 warmup=config.warmup)
 
     return load_with_fallback(name, config.weights, build, ClassicLayerEngine if config.fallback else None)
 
@@ -99,15 +106,17 @@ class LayerDecompositionDeployment:
         self._in_flight = 0
 
     async def decompose(self, image: np.ndarray, params: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        """Yields {"type": "progress", "step", "total"} per step, then
-        {"type": "layers", "layers": [HxWx4 uint8], "engine"}."""
+        """Yields {"type": "progress", "step", "total", "at"} per step (``at``: when the
+        engine finished the step, epoch seconds), then {"type": "layers", "layers":
+        [HxWx4 uint8], "engine"}."""
         layer_params = LayerParams(**params)
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
         stop = threading.Event()
 
         def on_step(step: int, total: int) -> bool:
-            loop.call_soon_threadsafe(events.put_nowait, {"type": "progress", "step": step, "total": total})
+            event = {"type": "progress", "step": step, "total": total, "at": time.time()}
+            loop.call_soon_threadsafe(events.put_nowait, event)
             return not stop.is_set()
 
         started = time.perf_counter()

@@ -17,9 +17,10 @@ import numpy as np
 class EngineInfo:
     """How an engine runs and what input it wants.
 
-    ``input_size`` (width, height) means the engine wants exactly that size (aspect
-    not kept, as BiRefNet); otherwise ``max_side`` bounds the longer side (aspect
-    kept). With neither, any size is fine.
+    ``input_size`` (width, height) is the size the engine runs at (aspect not kept,
+    as BiRefNet): callers shrink larger images to exactly it and send smaller ones
+    as they are, for the engine to enlarge (fewer bytes to move). Otherwise
+    ``max_side`` bounds the longer side (aspect kept). With neither, any size is fine.
     """
 
     engine: str

@@ -32,9 +32,16 @@ class SegmentationModelConfig(BaseModel):
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
     dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="auto: bfloat16/float16 on GPU, float32 on CPU."
+        "auto", description="auto: bfloat16 (float16 before Ampere) on GPU, float32 on CPU; bfloat16 is honoured on CPU too."
     )
     input_size: int = Field(1024, ge=32, description="Square side the model runs at (BiRefNet: 1024; BiRefNet_HR: 2048).")
+    dynamic_size: bool = Field(
+        False, description="BiRefNet_dynamic: each image at its own aspect, longer side <= input_size, sides multiples of 32."
+    )
+    channels_last: bool = Field(False, description="NHWC weights and input (faster convolutions on tensor-core GPUs).")
+    compile: bool = Field(False, description="torch.compile the model (compiled during the warm-up at start).")
+    pin_memory: bool = Field(True, description="CUDA: stage batches in reused page-locked buffers, copy non-blocking.")
+    warmup: bool = Field(True, description="Run the model at start so the first request does not pay for initialisation.")
     fallback: Literal["classic"] | None = Field(
         None, description="Serve this engine instead when the weights cannot be had; unset: a startup error."
     )
@@ -94,13 +101,16 @@ def load_engine(name: str, config: SegmentationModelConfig) -> tuple[Segmentatio
 
     def build() -> SegmentationEngine:
         return BiRefNetEngine(weights=config.weights, device=config.device, dtype=config.dtype,
-                              input_size=config.input_size, revision=config.revision)
+                              input_size=config.input_size, revision=config.revision,
+                              dynamic_size=config.dynamic_size, channels_last=config.channels_last,
+                              compile=config.compile, pin_memory=config.pin_memory, warmup=config.warmup)
 
     return load_with_fallback(name, config.weights, build, ClassicCutoutEngine if config.fallback else None)
 
 
 @serve.deployment(
-    # Large enough for batches to fill: requests wait in the replica, not the router.
+    # Large enough for batches to fill, and for load to queue here rather than in the
+    # caller's router (which retries a full replica with back-off of up to 0.5 s).
     max_ongoing_requests=64,
     user_config=BatchingConfig().model_dump(),
 )
@@ -114,6 +124,7 @@ class SegmentationDeployment:
         self._batching = BatchingConfig()
         self._metrics = ModelMetrics(name, self._engine.info)
         self._waiting: set[_Waiting] = set()
+        self._in_flight = 0  # requests in this replica (all on its one event loop)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Apply a new `user_config` (batch size and wait) without restarting."""
@@ -126,18 +137,31 @@ class SegmentationDeployment:
         return self._engine.info
 
     async def segment(self, image: np.ndarray) -> Segmentation:
-        """The mask of one RGB uint8 image at the size sent, computed in a batch."""
+        """The mask of one RGB uint8 image at the size sent.
+
+        A request that finds the replica idle runs at once, as a batch of one: waiting
+        `batch_wait_timeout_s` for company would only add latency at low load. Requests
+        that arrive while others are in the replica are batched.
+        """
         waiting = _Waiting(image)
         self._waiting.add(waiting)
         self._report_waiting()
+        self._in_flight += 1
         try:
+            if self._in_flight == 1:
+                (result,) = await self._predict([waiting])
+                return result
             return await self._segment_batch(waiting)
         finally:  # also when the caller gave up before its batch started
+            self._in_flight -= 1
             self._waiting.discard(waiting)
             self._report_waiting()
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.01)
     async def _segment_batch(self, requests: list[_Waiting]) -> list[Segmentation]:
+        return await self._predict(requests)
+
+    async def _predict(self, requests: list[_Waiting]) -> list[Segmentation]:
         """Masks for the requests of one batch: one engine call."""
         self._waiting.difference_update(requests)
         self._report_waiting()

@@ -1,32 +1,74 @@
 #!/usr/bin/env python
-"""Benchmarks for Strata.
+"""Benchmarks for Strata, side by side with what users would otherwise run.
 
-    python scripts/bench.py [--quick] [--json PATH] [--bench NAME ...]
+    python scripts/bench.py --quick          # under 3 minutes on a 2-core machine
+    python scripts/bench.py                  # the full run (longer runs, 1024x1024 photos)
+    python scripts/bench.py --bench cpu-path --bench engine   # a subset
 
-Each benchmark is one function in ``BENCHMARKS`` that returns a JSON-able dict
-and prints its own table; ``--bench`` picks which run (default: all). Add HTTP
-throughput, batching and so on as more entries.
+Prints a table per benchmark and writes everything as JSON to
+``bench-results/bench-<quick|full>-<UTC time>.json`` (``--json PATH`` to choose).
+docs/PERFORMANCE.md explains every figure; in short:
 
-``cpu-path`` measures what the ingress does on CPU around the model for one
-photo: decode the JPEG -> resize to the model's 1024x1024 -> resize the model's
-mask back to full size -> put it on as alpha -> encode the RGBA cutout as PNG.
-It runs our code (``serve_app.imaging``, the functions the ingress calls) and
-the Pillow-default path a hand-written FastAPI service would use, side by side:
-interleaved repetitions, medians. The model is not part of this figure, so the
-mask is a fixed synthetic one at model size.
+``cpu-path``
+    What the ingress does on CPU around the model for one photo (decode, resize to
+    the model, mask back to full size, compose, PNG encode): ``serve_app.imaging``
+    vs the Pillow-default path of a hand-written service, interleaved, medians.
+``engine``
+    The tiny BiRefNet (scripts/make_tiny_models.py) called in-process with batches
+    of 1..16 at the HTTP benchmarks' model size, on one thread as in a Serve replica:
+    per call and per image, so you see whether batching can pay on this CPU.
+``serving``
+    Starts, on free loopback ports, Strata (``python -m serve_app.run`` on a fresh
+    local Ray with configs/bench.yaml) and two single-process FastAPI + uvicorn apps
+    of scripts/baseline_app.py around the same engine: ``baseline`` (seed-style:
+    Pillow decode, engine under a lock, Pillow PNG encode) and ``baseline-fast``
+    (the same app with Strata's own CPU path). Then, all up at once and measured
+    one after the other per setting:
+
+    * HTTP: ``POST /v1/remove-background`` of one photo, closed-loop at
+      concurrency 1, 8, 32 (each client sends its next request when the last one
+      answered) and open-loop (Poisson arrivals at a fixed rate; latency counted
+      from the scheduled arrival, so a slow server cannot slow the clock):
+      throughput, p50/p95/p99 latency, errors. Strata is asked for what the
+      baseline makes (``refine_foreground=false``).
+    * serving overhead: Strata's p50 at concurrency 1 minus the median of the
+      same work done in-process (decode, resize, engine, mask back, compose,
+      encode: the ingress's calls, one thread for the engine as in a replica).
+    * batching: ``X-Batch-Size`` distribution and throughput at concurrency 32
+      for the same model with ``max_batch_size`` 8 (and 16 in the full run) vs 1.
+    * layer jobs (classic engine): submit-to-done time (POST /v1/layers until
+      the job's terminal ``status`` event arrives on its SSE stream) minus the
+      engine's own in-process time for the same image; and SSE event latency:
+      receipt time of each ``progress`` event minus its ``at`` (when the model
+      finished that step, stamped in the model replica).
+
+Figures taken while other work runs on the machine are noisy; run it on a quiet
+machine (the docs say how the published table was taken). Ratios are measured
+side by side in one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import gc
+import importlib.util
 import io
 import json
 import os
 import platform
+import shutil
+import signal
+import socket
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+from collections import Counter
+from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +76,7 @@ import cv2
 import numpy as np
 import PIL
 import simplejpeg
+import yaml
 from PIL import Image
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -44,6 +87,38 @@ from serve_app import imaging  # noqa: E402
 
 MODEL_SIZE = (1024, 1024)
 STEPS = ("decode", "resize to model", "mask to full size", "compose", "encode PNG")
+
+# --------------------------------------------------------------------------- settings
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How long and how big each benchmark runs (``QUICK`` or ``FULL``)."""
+
+    name: str
+    cpu_cases: tuple[tuple[int, int], ...]  # photo sizes of the CPU-path benchmark
+    cpu_reps: int
+    photo_side: int  # the HTTP benchmarks' square photo
+    model_side: int  # the tiny BiRefNet's input size (the real BiRefNet's: 1024)
+    warmup_s: float  # closed loop: requests before this are not measured
+    measure_s: float  # closed loop: the measured window
+    open_s: float  # open loop: arrivals are scheduled over this long
+    drain_s: float  # longest wait for the last answers after a run
+    concurrencies: tuple[int, ...]
+    batch_sizes: tuple[int, ...]  # max_batch_size values compared with 1 (off)
+    engine_batches: tuple[int, ...]
+    overhead_rounds: int
+    layer_jobs: int
+    layer_side: int
+
+
+QUICK = Settings("quick", cpu_cases=((1024, 1024),), cpu_reps=3, photo_side=512, model_side=1024,
+                 warmup_s=1.0, measure_s=4.0, open_s=4.0, drain_s=8.0, concurrencies=(1, 8, 32),
+                 batch_sizes=(8,), engine_batches=(1, 2, 4, 8), overhead_rounds=25, layer_jobs=3, layer_side=512)
+FULL = Settings("full", cpu_cases=((1024, 1024), (2048, 1536)), cpu_reps=11, photo_side=1024, model_side=1024,
+                warmup_s=3.0, measure_s=20.0, open_s=20.0, drain_s=30.0, concurrencies=(1, 8, 32),
+                batch_sizes=(8, 16), engine_batches=(1, 2, 4, 8, 16), overhead_rounds=40, layer_jobs=10,
+                layer_side=1024)
 
 # --------------------------------------------------------------------------- test data
 
@@ -130,10 +205,10 @@ def _steps(*stamps: float) -> Timings:
 # --------------------------------------------------------------------------- benchmarks
 
 
-def bench_cpu_path(quick: bool) -> dict:
+def bench_cpu_path(settings: Settings) -> dict:
     """Ours vs Pillow-default on the ingress's CPU path, per step and in total."""
-    reps = 3 if quick else 11
-    cases = [(1024, 1024), (2048, 1536)]
+    reps = settings.cpu_reps
+    cases = settings.cpu_cases
     results = []
     for width, height in cases:
         data = jpeg_bytes(synthetic_photo(width, height))
@@ -217,40 +292,600 @@ def _print_case(case: dict) -> None:
     print(f"  refine_foreground (optional, ours): {case['refine_foreground_ms']:.1f} ms")
 
 
-BENCHMARKS: dict[str, Callable[[bool], dict]] = {
+# --------------------------------------------------------------------------- engine
+
+
+def tiny_birefnet_dir() -> Path:
+    """The tiny BiRefNet of scripts/make_tiny_models.py under models/tiny (built if missing)."""
+    spec = importlib.util.spec_from_file_location("make_tiny_models", ROOT / "scripts" / "make_tiny_models.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.make_tiny_birefnet(ROOT / "models" / "tiny")
+
+
+def load_tiny_engine(input_size: int):
+    """The tiny BiRefNet engine on CPU, on one thread as in a Serve replica (Ray sets
+    OMP_NUM_THREADS=1 for actors with fractional CPUs)."""
+    import torch
+
+    from deployments.birefnet import BiRefNetEngine
+
+    torch.set_num_threads(1)
+    engine = BiRefNetEngine(str(tiny_birefnet_dir()), device="cpu", input_size=input_size)
+    engine.load()
+    return engine
+
+
+def bench_engine(settings: Settings) -> dict:
+    """Cost of one engine call by batch size, in-process: can batching pay on this CPU?"""
+    side = settings.model_side
+    engine = load_tiny_engine(side)
+    image = synthetic_photo(side, side)
+    rows = []
+    for batch in settings.engine_batches:
+        images = [image] * batch
+        engine.predict(images)  # warm-up
+        reps = max(3, 16 // batch)
+        times = []
+        for _ in range(reps):
+            times.append(_timed(engine.predict, images))
+        call = statistics.median(times)
+        rows.append({"batch": batch, "ms_per_call": call, "ms_per_image": call / batch})
+    single = rows[0]["ms_per_image"]
+    for row in rows:
+        row["per_image_vs_batch_1"] = row["ms_per_image"] / single
+    print(f"\nEngine: tiny BiRefNet at {side}x{side}, in-process, 1 thread; median per call")
+    print(f"  {'batch':>5}{'ms/call':>10}{'ms/image':>10}{'per image vs batch 1':>22}")
+    for row in rows:
+        print(f"  {row['batch']:>5}{row['ms_per_call']:>10.1f}{row['ms_per_image']:>10.2f}"
+              f"{row['per_image_vs_batch_1']:>21.2f}x")
+    return {"model": "tiny BiRefNet (scripts/make_tiny_models.py)", "input_size": side, "threads": 1,
+            "rows": rows}
+
+
+# --------------------------------------------------------------------------- servers
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class Service:
+    """An HTTP server the bench started as a subprocess on a loopback port."""
+
+    def __init__(self, name: str, argv: list[str], port: int, ready_path: str, log_dir: Path,
+                 env: dict[str, str] | None = None):
+        self.name = name
+        self.argv = argv
+        self.port = port
+        self.url = f"http://127.0.0.1:{port}"
+        self.ready_path = ready_path
+        self.log_path = log_dir / f"{name}.log"
+        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                    "HF_HUB_OFFLINE": "1", **(env or {})}
+        self._process: subprocess.Popen | None = None
+        self._log = None
+
+    def start(self) -> None:
+        self.log_path.parent.mkdir(parents=True, exist_ok=True)
+        self._log = open(self.log_path, "wb")
+        # Own session: stop() can end the server and everything it started.
+        self._process = subprocess.Popen(self.argv, cwd=ROOT, env=self.env, stdout=self._log,
+                                         stderr=subprocess.STDOUT, start_new_session=True)
+
+    def wait_ready(self, timeout_s: float, ready: Callable[[dict | None], bool] = lambda body: True) -> None:
+        """Poll ``ready_path`` until it answers 200 and ``ready(json)`` holds."""
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"{self.name} exited with {self._process.returncode}; see {self.log_path}")
+            try:
+                with urllib.request.urlopen(self.url + self.ready_path, timeout=5) as response:
+                    body = json.loads(response.read() or b"null")
+                    if response.status == 200 and ready(body):
+                        return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.5)  # polling a condition with a deadline
+        raise TimeoutError(f"{self.name} not ready after {timeout_s:.0f} s; see {self.log_path}")
+
+    def stop(self, timeout_s: float = 60) -> None:
+        """SIGTERM (Strata's runner turns it into serve's clean Ctrl-C), then SIGKILL the group."""
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.send_signal(signal.SIGTERM)
+            try:
+                self._process.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                os.killpg(self._process.pid, signal.SIGKILL)
+                self._process.wait()
+        self._log.close()
+
+
+def strata_service(settings: Settings, weights: Path, work: Path) -> Service:
+    """Strata from configs/bench.yaml on a fresh local Ray, on a free port."""
+    config = yaml.safe_load((ROOT / "configs" / "bench.yaml").read_text())
+    port = _free_port()
+    config["http_options"]["port"] = port
+    app = config["applications"][0]
+    args = app["args"]
+    for model in args["segmentation"].values():
+        model["weights"] = str(weights)
+        model["input_size"] = settings.model_side
+    args["jobs"]["data_dir"] = str(work / "strata-data")
+    if 16 in settings.batch_sizes:
+        args["segmentation"]["tiny-b16"] = dict(args["segmentation"]["tiny"])
+        tiny = next(d for d in app["deployments"] if d["name"] == "tiny")
+        app["deployments"].append({**tiny, "name": "tiny-b16", "max_ongoing_requests": 16,
+                                   "user_config": {**tiny["user_config"], "max_batch_size": 16}})
+    path = work / "strata-bench.yaml"
+    path.write_text(yaml.safe_dump(config, sort_keys=False))
+    env = {"RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    return Service("strata", [sys.executable, "-m", "serve_app.run", str(path)], port, "/v1/health",
+                   work / "logs", env)
+
+
+def batching_models(settings: Settings) -> dict[int, str]:
+    """max_batch_size -> the model name serving the tiny BiRefNet with it (configs/bench.yaml)."""
+    return {1: "tiny-unbatched", 8: "tiny", **({16: "tiny-b16"} if 16 in settings.batch_sizes else {})}
+
+
+def baseline_service(name: str, codec: str, settings: Settings, weights: Path, work: Path) -> Service:
+    port = _free_port()
+    argv = [sys.executable, str(ROOT / "scripts" / "baseline_app.py"), "--port", str(port),
+            "--weights", str(weights), "--input-size", str(settings.model_side), "--codec", codec]
+    return Service(name, argv, port, "/healthz", work / "logs")
+
+
+def _strata_healthy(body: dict | None) -> bool:
+    return bool(body) and body.get("status") == "ok"
+
+
+# --------------------------------------------------------------------------- load
+
+
+@dataclass
+class Sample:
+    """One request: when it was due, sent and answered (perf_counter seconds), and what came back."""
+
+    due: float
+    sent: float
+    done: float
+    status: int
+    batch_size: int | None = None
+    processing_ms: float | None = None
+
+
+async def _post(session, url: str, photo: bytes, due: float) -> Sample:
+    import aiohttp
+
+    form = aiohttp.FormData()
+    form.add_field("image", photo, filename="photo.jpg", content_type="image/jpeg")
+    sent = time.perf_counter()
+    try:
+        async with session.post(url, data=form) as response:
+            await response.read()
+            status = response.status
+            batch = response.headers.get("X-Batch-Size")
+            processing = response.headers.get("X-Processing-Ms")
+    except (aiohttp.ClientError, asyncio.TimeoutError):
+        return Sample(due, sent, time.perf_counter(), 0)
+    return Sample(due, sent, time.perf_counter(), status, int(batch) if batch else None,
+                  float(processing) if processing else None)
+
+
+def _session(limit: int):
+    import aiohttp
+
+    return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=limit),
+                                 timeout=aiohttp.ClientTimeout(total=300))
+
+
+async def closed_loop(url: str, photo: bytes, concurrency: int, warmup_s: float, measure_s: float) -> dict:
+    """``concurrency`` clients, each sending its next request when its last one answered."""
+    samples: list[Sample] = []
+    start = time.perf_counter()
+    window = (start + warmup_s, start + warmup_s + measure_s)
+
+    async def client(session) -> None:
+        while time.perf_counter() < window[1]:
+            now = time.perf_counter()
+            samples.append(await _post(session, url, photo, now))
+
+    async with _session(concurrency) as session:
+        await asyncio.gather(*(client(session) for _ in range(concurrency)))
+    return _summary(samples, window, {"mode": "closed", "concurrency": concurrency})
+
+
+async def open_loop(url: str, photo: bytes, rate: float, duration_s: float, drain_s: float, seed: int = 0) -> dict:
+    """Poisson arrivals at ``rate`` per second for ``duration_s``; latency from each arrival's due time."""
+    rng = np.random.default_rng(seed)
+    dues, t = [], 0.0
+    while True:
+        t += rng.exponential(1.0 / rate)
+        if t >= duration_s:
+            break
+        dues.append(t)
+    samples: list[Sample] = []
+    async with _session(0) as session:
+        start = time.perf_counter()
+        tasks = []
+        for offset in dues:
+            delay = start + offset - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)  # the arrival schedule itself, not a wait for a condition
+            tasks.append(asyncio.ensure_future(_post(session, url, photo, start + offset)))
+        done, pending = await asyncio.wait(tasks, timeout=drain_s) if tasks else (set(), set())
+        for task in pending:
+            task.cancel()
+        samples = [task.result() for task in done]
+    window = (start, start + duration_s)
+    summary = _summary(samples, window, {"mode": "open", "rate_rps": rate, "scheduled": len(dues)})
+    summary["unfinished"] = len(pending)
+    summary["errors"] += len(pending)
+    # Answers per second from the first arrival to the last answer: the arrival rate when
+    # the server keeps up, its capacity when it does not.
+    answered = [s for s in samples if s.status == 200]
+    summary["throughput_rps"] = len(answered) / (max(s.done for s in answered) - start) if answered else 0.0
+    return summary
+
+
+def _summary(samples: list[Sample], window: tuple[float, float], head: dict) -> dict:
+    """Throughput over the window; latencies of the requests due in it (answered at any time)."""
+    measured = [s for s in samples if window[0] <= s.due < window[1]]
+    ok = [s for s in measured if s.status == 200]
+    completed_in_window = [s for s in samples if s.status == 200 and window[0] <= s.done < window[1]]
+    latencies = np.array([(s.done - s.due) * 1000 for s in ok]) if ok else np.array([np.nan])
+    batches = Counter(s.batch_size for s in ok if s.batch_size is not None)
+    processing = [s.processing_ms for s in ok if s.processing_ms is not None]
+    return {
+        **head,
+        "requests": len(measured),
+        "errors": len(measured) - len(ok),
+        "statuses": dict(Counter(s.status for s in measured)),
+        "throughput_rps": len(completed_in_window) / (window[1] - window[0]),
+        "p50_ms": float(np.percentile(latencies, 50)),
+        "p95_ms": float(np.percentile(latencies, 95)),
+        "p99_ms": float(np.percentile(latencies, 99)),
+        "mean_ms": float(latencies.mean()),
+        "batch_sizes": {str(k): v for k, v in sorted(batches.items())},
+        "mean_batch_size": (sum(k * v for k, v in batches.items()) / sum(batches.values())) if batches else None,
+        "server_processing_p50_ms": statistics.median(processing) if processing else None,
+    }
+
+
+# --------------------------------------------------------------------------- in-process reference
+
+
+def inprocess_pipeline(engine, photo: bytes, size: int) -> Callable[[], bytes]:
+    """The ingress's work for one request, in this process (what serving overhead is measured against)."""
+
+    def run() -> bytes:
+        image = imaging.decode_image(photo)
+        model_input = imaging.resize_image(image.rgb, imaging.model_input_size(image.width, image.height,
+                                                                               (size, size), None))
+        (mask,) = engine.predict([model_input])
+        full_mask = imaging.resize_mask(mask, (image.width, image.height))
+        return imaging.render_cutout(image, full_mask, refine_foreground=False).data
+
+    return run
+
+
+# --------------------------------------------------------------------------- layer jobs
+
+
+def flat_graphic(side: int) -> np.ndarray:
+    """A poster-like RGBA image (flat colours, anti-aliased edges, text): what the classic engine is for."""
+    rgb = np.full((side, side, 3), (240, 236, 228), np.uint8)
+    cv2.rectangle(rgb, (side // 8, side // 8), (side * 5 // 8, side * 5 // 8), (30, 80, 200), -1, cv2.LINE_AA)
+    cv2.circle(rgb, (side * 5 // 8, side * 5 // 8), side // 4, (220, 50, 40), -1, cv2.LINE_AA)
+    cv2.putText(rgb, "STRATA", (side // 10, side * 9 // 10), cv2.FONT_HERSHEY_SIMPLEX, side / 300,
+                (20, 20, 20), max(1, side // 100), cv2.LINE_AA)
+    return np.dstack([rgb, np.full((side, side), 255, np.uint8)])
+
+
+LAYERS = 4
+
+
+def layer_engine_ms(rgba: np.ndarray, reps: int) -> float:
+    """The classic layer engine's own time for ``rgba``, in-process (median)."""
+    from deployments.classic import ClassicLayerEngine
+    from deployments.engine import LayerParams
+
+    engine = ClassicLayerEngine()
+    params = LayerParams(layers=LAYERS)
+    engine.decompose(rgba, params)
+    return statistics.median(_timed(engine.decompose, rgba, params) for _ in range(reps))
+
+
+def run_layer_job(base_url: str, png: bytes) -> dict:
+    """Submit one job, follow its SSE stream to the end; times in this process's clock."""
+    import httpx
+    from httpx_sse import connect_sse
+
+    with httpx.Client(base_url=base_url, timeout=120) as client:
+        submitted = time.time()
+        response = client.post("/v1/layers", params={"model": "classic", "layers": LAYERS},
+                               files={"image": ("poster.png", png, "image/png")})
+        response.raise_for_status()
+        job_id = response.json()["id"]
+        latencies, status, done = [], None, None
+        with connect_sse(client, "GET", f"/v1/jobs/{job_id}/events") as source:
+            for event in source.iter_sse():
+                received = time.time()
+                data = event.json()
+                if event.event == "progress" and data.get("at"):
+                    latencies.append((received - datetime.fromisoformat(data["at"]).timestamp()) * 1000)
+                elif event.event == "status" and data["status"] in ("succeeded", "failed", "cancelled"):
+                    status, done = data["status"], received
+                    break
+        manifest = client.get(f"/v1/jobs/{job_id}/manifest.json").json() if status == "succeeded" else {}
+    return {"status": status, "submit_to_done_ms": ((done or time.time()) - submitted) * 1000,
+            "sse_latency_ms": latencies, "timings": manifest.get("timings", {})}
+
+
+def bench_layer_jobs(settings: Settings, strata: Service) -> dict:
+    rgba = flat_graphic(settings.layer_side)
+    png = imaging.encode_png(rgba)
+    engine_ms = layer_engine_ms(rgba, max(3, settings.layer_jobs))
+    jobs = [run_layer_job(strata.url, png) for _ in range(settings.layer_jobs)]
+    ok = [j for j in jobs if j["status"] == "succeeded"]
+    total = statistics.median(j["submit_to_done_ms"] for j in ok) if ok else float("nan")
+    sse = [x for j in ok for x in j["sse_latency_ms"]]
+    result = {
+        "image": f"{settings.layer_side}x{settings.layer_side} flat graphic PNG, classic engine, {LAYERS} layers",
+        "jobs": len(jobs),
+        "succeeded": len(ok),
+        "engine_ms_inprocess": engine_ms,
+        "submit_to_done_p50_ms": total,
+        "overhead_p50_ms": total - engine_ms,
+        "manifest_queue_ms_p50": statistics.median(j["timings"].get("queue_ms", float("nan")) for j in ok)
+        if ok else None,
+        "manifest_model_ms_p50": statistics.median(j["timings"].get("model_ms", float("nan")) for j in ok)
+        if ok else None,
+        "sse_events": len(sse),
+        "sse_latency_p50_ms": float(np.percentile(sse, 50)) if sse else None,
+        "sse_latency_max_ms": max(sse) if sse else None,
+    }
+    print(f"\nLayer jobs: {result['image']}; {result['succeeded']}/{result['jobs']} jobs, medians")
+    print(f"  engine in-process {engine_ms:8.1f} ms")
+    print(f"  submit to done    {total:8.1f} ms  (queue {result['manifest_queue_ms_p50'] or 0:.1f} ms, "
+          f"model call {result['manifest_model_ms_p50'] or 0:.1f} ms as the manifest records)")
+    print(f"  overhead          {result['overhead_p50_ms']:8.1f} ms  (submit to done minus engine)")
+    if sse:
+        print(f"  SSE event latency p50 {result['sse_latency_p50_ms']:.1f} ms, max {result['sse_latency_max_ms']:.1f} ms "
+              f"over {len(sse)} progress events (receipt minus the step's end in the model replica)")
+    return result
+
+
+# --------------------------------------------------------------------------- the serving benchmark
+
+
+def bench_serving(settings: Settings) -> dict:
+    """Strata on Ray Serve vs the baselines over HTTP, serving overhead, batching, layer jobs."""
+    weights = tiny_birefnet_dir()
+    side = settings.photo_side
+    photo = jpeg_bytes(synthetic_photo(side, side, seed=1))
+    work = Path(tempfile.mkdtemp(prefix="strata-bench-"))
+    strata = strata_service(settings, weights, work)
+    baselines = [baseline_service("baseline", "pillow", settings, weights, work),
+                 baseline_service("baseline-fast", "fast", settings, weights, work)]
+    services = [strata, *baselines]
+    t0 = time.perf_counter()
+    try:
+        for service in services:
+            service.start()
+        for service in baselines:
+            service.wait_ready(120)
+        strata.wait_ready(300, _strata_healthy)
+        startup_s = time.perf_counter() - t0
+        print(f"\nServing: {side}x{side} JPEG photo ({len(photo) / 1e3:.0f} kB) -> RGBA PNG cutout; tiny BiRefNet at "
+              f"{settings.model_side}x{settings.model_side}; servers up in {startup_s:.0f} s")
+        urls = {
+            "strata": f"{strata.url}/v1/remove-background?model=tiny&refine_foreground=false",
+            "baseline": f"{baselines[0].url}/v1/remove-background",
+            "baseline-fast": f"{baselines[1].url}/v1/remove-background",
+        }
+        return _measure_serving(settings, photo, urls, strata) | {"startup_s": startup_s}
+    finally:
+        for service in services:
+            service.stop()
+        shutil.rmtree(work / "strata-data", ignore_errors=True)
+
+
+def _measure_serving(settings: Settings, photo: bytes, urls: dict[str, str], strata: Service) -> dict:
+    run = asyncio.run
+    # Warm every path (first requests load lazy state) before anything is measured.
+    for url in urls.values():
+        run(closed_loop(url, photo, 2, 0.0, 1.0))
+
+    http = []
+    for concurrency in settings.concurrencies:
+        for system, url in urls.items():
+            http.append({"system": system, **run(closed_loop(url, photo, concurrency, settings.warmup_s,
+                                                              settings.measure_s))})
+    capacity = {s: max(r["throughput_rps"] for r in http if r["system"] == s) for s in urls}
+    # Open loop at two rates: half of what the seed-style baseline sustains (everyone keeps up:
+    # compare latencies), and 70 % of what Strata sustains (past the baseline's capacity).
+    rates = sorted({round(0.5 * capacity["baseline"], 1), round(0.7 * capacity["strata"], 1)})
+    for rate in rates:
+        if rate <= 0:
+            continue
+        for system in ("strata", "baseline"):
+            http.append({"system": system, **run(open_loop(urls[system], photo, rate, settings.open_s,
+                                                           settings.drain_s))})
+    _print_http(http)
+
+    floors = {name: run(_empty_route_p50(url.split("/v1/")[0] + "/healthz"))
+              for name, url in urls.items() if name != "baseline-fast"}
+    overhead = _serving_overhead(settings, photo, urls, floors)
+    batching = _batching(settings, photo, strata)
+    layers = bench_layer_jobs(settings, strata)
+    return {"http": http, "capacity_rps": capacity, "overhead": overhead, "batching": batching,
+            "layer_jobs": layers, "photo_bytes": len(photo), "photo": f"{settings.photo_side}x{settings.photo_side}"
+            " JPEG q90", "model": f"tiny BiRefNet at {settings.model_side}x{settings.model_side}"}
+
+
+async def _empty_route_p50(url: str, count: int = 60) -> float:
+    """p50 of a route that does no work: the serving stack's own round trip."""
+    async with _session(1) as session:
+        times = []
+        for _ in range(count):
+            sent = time.perf_counter()
+            async with session.get(url) as response:
+                await response.read()
+            times.append((time.perf_counter() - sent) * 1000)
+    return statistics.median(times[5:])
+
+
+async def _interleaved(work: Callable[[], bytes], urls: dict[str, str], photo: bytes, reps: int) -> dict:
+    """One request at a time, in turn: in-process, then each server; ``reps`` rounds.
+
+    Taken in turn so that all of them see the same machine (other load drifts)."""
+    times: dict[str, list[float]] = {"in-process": [], **{name: [] for name in urls}}
+    processing: list[float] = []
+    async with _session(1) as session:
+        for _ in range(reps):
+            times["in-process"].append(_timed(work))
+            for name, url in urls.items():
+                sample = await _post(session, url, photo, time.perf_counter())
+                if sample.status != 200:
+                    raise RuntimeError(f"{name} answered {sample.status} during the overhead measurement")
+                times[name].append((sample.done - sample.due) * 1000)
+                if name == "strata":
+                    processing.append(sample.processing_ms)
+    return {"p50_ms": {name: statistics.median(t) for name, t in times.items()},
+            "strata_processing_p50_ms": statistics.median(processing)}
+
+
+def _serving_overhead(settings: Settings, photo: bytes, urls: dict[str, str], floors: dict[str, float]) -> dict:
+    engine = load_tiny_engine(settings.model_side)
+    work = inprocess_pipeline(engine, photo, settings.model_side)
+    work()
+    engine_only_input = imaging.resize_image(imaging.decode_image(photo).rgb, (settings.model_side,) * 2)
+    engine_ms = statistics.median(_timed(engine.predict, [engine_only_input]) for _ in range(5))
+    turns = asyncio.run(_interleaved(work, {k: urls[k] for k in ("strata", "baseline-fast")}, photo,
+                                     settings.overhead_rounds))
+    p50 = turns["p50_ms"]
+    inprocess, processing = p50["in-process"], turns["strata_processing_p50_ms"]
+    result = {
+        "method": f"{settings.overhead_rounds} rounds, one request at a time, in turn: in-process, Strata, "
+                  "baseline-fast",
+        "inprocess_ms": inprocess,
+        "engine_ms": engine_ms,
+        "strata_p50_ms": p50["strata"],
+        "strata_overhead_p50_ms": p50["strata"] - inprocess,
+        # X-Processing-Ms is the ingress's own time (handler start to response): what lies
+        # outside it is the HTTP proxy hop; what lies inside beyond the work, the model call
+        # through Ray, batching's wait and the thread-pool hops.
+        "strata_server_processing_p50_ms": processing,
+        "strata_proxy_and_http_ms": p50["strata"] - processing,
+        "strata_inside_ingress_overhead_ms": processing - inprocess,
+        "baseline_fast_p50_ms": p50["baseline-fast"],
+        "baseline_fast_overhead_p50_ms": p50["baseline-fast"] - inprocess,
+        "healthz_p50_ms": floors,
+    }
+    print(f"\nServing overhead at concurrency 1: p50 over HTTP minus the same work in-process "
+          f"({inprocess:.1f} ms, of which the engine {engine_ms:.1f} ms); {result['method']}")
+    print(f"  Strata (Ray Serve)        p50 {p50['strata']:7.1f} ms   overhead {result['strata_overhead_p50_ms']:6.1f} ms"
+          f"   = proxy+HTTP {result['strata_proxy_and_http_ms']:.1f} + inside the ingress "
+          f"{result['strata_inside_ingress_overhead_ms']:.1f} (model call via Ray, thread hops)")
+    print(f"  baseline-fast (uvicorn)   p50 {p50['baseline-fast']:7.1f} ms   overhead "
+          f"{result['baseline_fast_overhead_p50_ms']:6.1f} ms")
+    print("  GET /healthz (no work, the stack's own round trip) p50: "
+          + ", ".join(f"{name} {ms:.1f} ms" for name, ms in floors.items()))
+    return result
+
+
+def _batching(settings: Settings, photo: bytes, strata: Service) -> dict:
+    concurrency = max(settings.concurrencies)
+    base = f"{strata.url}/v1/remove-background?refine_foreground=false&model="
+    rows = []
+    # Measured back to back here (not reusing the runs above), so on and off see the same machine.
+    for max_batch, model in batching_models(settings).items():
+        summary = asyncio.run(closed_loop(base + model, photo, concurrency, settings.warmup_s, settings.measure_s))
+        rows.append({"max_batch_size": max_batch, "model": model, **summary})
+    print(f"\nBatching at concurrency {concurrency} (closed loop, the same tiny model; "
+          "max_batch_size 1 = batching off)")
+    print(f"  {'max_batch_size':>14}{'req/s':>8}{'p50 ms':>9}{'p99 ms':>9}{'mean batch':>12}  batch sizes (size: count)")
+    for row in rows:
+        sizes = ", ".join(f"{k}: {v}" for k, v in row["batch_sizes"].items())
+        print(f"  {row['max_batch_size']:>14}{row['throughput_rps']:>8.1f}{row['p50_ms']:>9.1f}{row['p99_ms']:>9.1f}"
+              f"{row['mean_batch_size'] or 0:>12.2f}  {sizes}")
+    return {"concurrency": concurrency, "rows": rows}
+
+
+def _print_http(http: list[dict]) -> None:
+    print(f"\n  {'system':<15}{'load':<12}{'req/s':>8}{'p50 ms':>9}{'p95 ms':>9}{'p99 ms':>9}{'errors':>8}"
+          f"{'mean batch':>12}")
+    for r in http:
+        load = f"c={r['concurrency']}" if r["mode"] == "closed" else f"{r['rate_rps']:g}/s open"
+        batch = f"{r['mean_batch_size']:.2f}" if r["mean_batch_size"] else "-"
+        print(f"  {r['system']:<15}{load:<12}{r['throughput_rps']:>8.1f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}"
+              f"{r['p99_ms']:>9.1f}{r['errors']:>8}{batch:>12}")
+
+BENCHMARKS: dict[str, Callable[[Settings], dict]] = {
     "cpu-path": bench_cpu_path,
+    "engine": bench_engine,
+    "serving": bench_serving,
 }
 
 
 def environment() -> dict:
+    import torch
+
     return {
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "cpu_model": _cpu_model(),
         "cpus": os.cpu_count(),
         "load_average": list(os.getloadavg()) if hasattr(os, "getloadavg") else None,
         "numpy": np.__version__,
         "opencv": cv2.__version__,
         "pillow": PIL.__version__,
         "simplejpeg": simplejpeg.__version__,
+        "torch": torch.__version__,
+        "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
     }
+
+
+def _cpu_model() -> str | None:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or None
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="fewer repetitions (well under a minute)")
-    parser.add_argument("--json", type=Path, metavar="PATH", help="also write the results as JSON")
+    parser.add_argument("--quick", action="store_true", help="short runs, 512x512 photos (under 3 minutes)")
+    parser.add_argument("--json", type=Path, metavar="PATH",
+                        help="where to write the results (default: bench-results/bench-<mode>-<time>.json)")
     parser.add_argument("--bench", action="append", choices=sorted(BENCHMARKS), metavar="NAME",
                         help=f"run only these (repeatable; default all: {', '.join(BENCHMARKS)})")
     args = parser.parse_args(argv)
+    settings = QUICK if args.quick else FULL
     env = environment()
-    print(f"Python {env['python']}, {env['cpus']} CPUs, load average {env['load_average']}, "
-          f"OpenCV {env['opencv']}, Pillow {env['pillow']}, simplejpeg {env['simplejpeg']}")
-    results = {name: BENCHMARKS[name](args.quick) for name in (args.bench or BENCHMARKS)}
-    if args.json:
-        args.json.parent.mkdir(parents=True, exist_ok=True)
-        args.json.write_text(json.dumps({"environment": env, "quick": args.quick, "benchmarks": results},
-                                        indent=2) + "\n")
-        print(f"\nwrote {args.json}")
+    started = time.perf_counter()
+    print(f"Strata bench ({settings.name}): Python {env['python']}, {env['cpus']} CPUs ({env['cpu_model']}), "
+          f"load average {[round(x, 2) for x in env['load_average'] or []]}, torch {env['torch']}, "
+          f"GPU {env['gpu'] or 'none'}, OpenCV {env['opencv']}, Pillow {env['pillow']}, "
+          f"simplejpeg {env['simplejpeg']}")
+    results = {name: BENCHMARKS[name](settings) for name in (args.bench or BENCHMARKS)}
+    elapsed = time.perf_counter() - started
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
+    path = args.json or ROOT / "bench-results" / f"bench-{settings.name}-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    env["load_average_after"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
+    path.write_text(json.dumps({"environment": env, "mode": settings.name, "command": " ".join(sys.argv),
+                                "elapsed_s": elapsed, "benchmarks": results}, indent=2) + "\n")
+    print(f"\n{settings.name} run took {elapsed:.0f} s; wrote {path}")
     return 0
 
 

@@ -362,8 +362,11 @@ def model_input_size(
 ) -> tuple[int, int]:
     """The (width, height) to send a model.
 
-    ``input_size`` wins (exact size, aspect not kept, as BiRefNet wants);
-    otherwise the image is scaled down, never up, so its longer side is at most
+    ``input_size`` wins: an image larger on either side is resized to exactly that
+    size (aspect not kept, as BiRefNet wants); one that fits within it is sent as
+    it is, for the engine to enlarge itself (never enlarged here: that would only
+    multiply the bytes sent to the model, 4x for a half-size image). Otherwise
+    the image is scaled down, never up, so its longer side is at most
     ``max_side``; otherwise it is sent as it is.
     """
     if width < 1 or height < 1:
@@ -372,7 +375,7 @@ def model_input_size(
         w, h = int(input_size[0]), int(input_size[1])
         if w < 1 or h < 1:
             raise ValueError(f"input_size must be positive, got {input_size}")
-        return w, h
+        return (width, height) if width <= w and height <= h else (w, h)
     if max_side is not None:
         if max_side < 1:
             raise ValueError(f"max_side must be positive, got {max_side}")

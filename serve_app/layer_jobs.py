@@ -16,6 +16,7 @@ import logging
 import time
 import uuid
 from collections import defaultdict
+from datetime import datetime, timezone
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -160,7 +161,7 @@ class LayerJobRunner:
                                                  step=step, total_steps=total))
                     self._publish(job.id, "progress", {"id": job.id, "status": "running",
                                                        "progress": step / total, "step": step,
-                                                       "total_steps": total})
+                                                       "total_steps": total, "at": _iso(event.get("at"))})
                     if state is Renewal.CANCEL_REQUESTED:
                         stream.cancel()
                         break
@@ -298,7 +299,7 @@ class LayerJobRunner:
                 if job.status == JobStatus.RUNNING and job.step is not None and job.step != last_step:
                     last_step = job.step
                     yield "progress", {"id": job.id, "status": "running", "progress": job.progress,
-                                       "step": job.step, "total_steps": job.total_steps}
+                                       "step": job.step, "total_steps": job.total_steps, "at": None}
                 if job.status != last_status:
                     last_status = job.status
                     yield "status", job_json(job)
@@ -324,6 +325,11 @@ def job_json(job: Job) -> dict[str, Any]:
         "attempts": job.attempts,
         "cancel_requested": job.cancel_requested,
     }
+
+
+def _iso(epoch_s: float | None) -> str | None:
+    """An epoch time as the ISO-8601 UTC string the job JSON uses; None stays None."""
+    return datetime.fromtimestamp(epoch_s, timezone.utc).isoformat() if epoch_s is not None else None
 
 
 def _is_cancellation(exc: BaseException) -> bool:

@@ -166,7 +166,9 @@ class StrataService:
         if info is None:
             info = self._engine_infos[model] = await self._model_call(model, handle.info.remote())
         size = imaging.model_input_size(image.width, image.height, info.input_size, info.max_side)
-        model_input = await run_in_threadpool(imaging.resize_image, image.rgb, size)
+        # An image already the size to send skips the resize and its thread hop.
+        model_input = (image.rgb if size == (image.width, image.height)
+                       else await run_in_threadpool(imaging.resize_image, image.rgb, size))
         result = await self._model_call(model, handle.segment.remote(model_input))
         full_mask = await run_in_threadpool(imaging.resize_mask, result.mask, (image.width, image.height))
         return full_mask, result.engine, result.batch_size

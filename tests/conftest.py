@@ -7,6 +7,7 @@ import copy
 import importlib.util
 import os
 import socket
+import sys
 from pathlib import Path
 
 # Ray 2.60 enables token auth for new local clusters; tests run without it.
@@ -26,10 +27,17 @@ def _free_port() -> int:
 
 
 def load_script(name: str):
-    """A module of scripts/ (they are not a package), loaded from its file."""
+    """A module of scripts/ (they are not a package), loaded from its file once."""
+    if name in sys.modules:
+        return sys.modules[name]
     spec = importlib.util.spec_from_file_location(name, ROOT / "scripts" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    sys.modules[name] = module  # dataclasses (and pickle) look a module up by name
+    try:
+        spec.loader.exec_module(module)
+    except BaseException:
+        del sys.modules[name]
+        raise
     return module
 
 

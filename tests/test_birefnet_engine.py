@@ -228,3 +228,127 @@ def test_importing_the_engine_does_not_import_torch():
             "heavy = [m for m in ('torch', 'transformers', 'huggingface_hub') if m in sys.modules]; "
             "assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, check=True)
+
+
+# ----------------------------------------------------------------- speed options (the GPU paths, run on CPU)
+#
+# Each option must give the plain path's masks. Tolerances: float32 options may
+# differ by rounding only (1 level of 255); bfloat16 keeps 8 bits of mantissa, so
+# masks may move by a few levels where the logit is near 0 (soft edges).
+
+
+def _soft_scene():
+    """Two images with soft (blurred) edges, so masks have many intermediate values."""
+    import cv2
+
+    a = np.full((SIZE, SIZE, 3), GREY, np.uint8)
+    cv2.circle(a, (30, 34), 18, RED, -1, cv2.LINE_AA)
+    b = np.full((SIZE, SIZE, 3), BLUE, np.uint8)
+    cv2.rectangle(b, (8, 10), (40, 50), (230, 40, 50), -1, cv2.LINE_AA)
+    return [cv2.GaussianBlur(a, (0, 0), 2), cv2.GaussianBlur(b, (0, 0), 2)]
+
+
+def _loaded(tiny_dir, **options):
+    engine = BiRefNetEngine(str(tiny_dir), device="cpu", input_size=SIZE, **options)
+    engine.load()
+    return engine
+
+
+def _max_diff(masks, reference):
+    return max(int(np.abs(m.astype(int) - r.astype(int)).max()) for m, r in zip(masks, reference, strict=True))
+
+
+def test_explicit_bfloat16_on_cpu_runs_in_bfloat16_within_4_levels_of_float32(engine, tiny_dir):
+    bf16 = _loaded(tiny_dir, dtype="bfloat16")
+    assert bf16.info.dtype == "bfloat16"
+    masks, reference = bf16.predict(_soft_scene()), engine.predict(_soft_scene())
+    assert _max_diff(masks, reference) <= 4
+    assert np.mean([np.abs(m.astype(int) - r.astype(int)).mean() for m, r in zip(masks, reference)]) < 0.5
+
+
+def test_channels_last_gives_the_same_masks(engine, tiny_dir):
+    masks = _loaded(tiny_dir, channels_last=True).predict(_soft_scene())
+    assert _max_diff(masks, engine.predict(_soft_scene())) <= 1
+
+
+def test_pin_memory_without_cuda_gives_the_same_masks(engine, tiny_dir):
+    # Page-locked memory needs CUDA: on the CPU the option is accepted and the plain
+    # copy path runs (the pinned one cannot run here).
+    masks = _loaded(tiny_dir, pin_memory=True).predict(_soft_scene())
+    assert _max_diff(masks, engine.predict(_soft_scene())) == 0
+
+
+def test_warm_up_runs_the_model_at_load_only_when_asked(tiny_dir):
+    assert _loaded(tiny_dir).warmup_s is None
+    warm = _loaded(tiny_dir, warmup=True)
+    assert warm.warmup_s is not None and warm.warmup_s > 0
+
+
+def test_compiled_model_gives_the_same_masks_and_compiles_during_warm_up(engine, tiny_dir):
+    from torch._dynamo.utils import counters
+
+    before = counters["stats"]["unique_graphs"]
+    compiled = _loaded(tiny_dir, compile=True, warmup=True)
+    graphs = counters["stats"]["unique_graphs"]
+    assert graphs > before  # the warm-up compiled the model
+    images = _soft_scene()
+    masks = compiled.predict(images) + compiled.predict(images[:1])
+    # The first requests (batches of 1 and 2) find the model compiled. (A batch size not
+    # warmed up may still compile once: the tiny model's graph depends on it.)
+    assert counters["stats"]["unique_graphs"] == graphs
+    reference = engine.predict(images)
+    assert _max_diff(masks, reference + reference[:1]) <= 1
+
+
+def test_a_batch_runs_one_model_call_per_input_shape(tiny_dir):
+    dynamic = _loaded(tiny_dir, dynamic_size=True)
+    shapes = []
+    hook = dynamic._model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    wide, tall = _disc_image()[0][:32], _disc_image()[0][:, :32]  # 32x64 and 64x32
+    try:
+        masks = dynamic.predict([wide, tall, wide, tall, wide])
+    finally:
+        hook.remove()
+    assert sorted(shapes) == [(2, 3, 64, 32), (3, 3, 32, 64)]  # two calls, none mixed or padded
+    assert [m.shape for m in masks] == [(32, 64), (64, 32), (32, 64), (64, 32), (32, 64)]
+
+
+def test_a_batch_of_one_fixed_size_is_one_model_call(engine):
+    shapes = []
+    hook = engine._model.register_forward_pre_hook(lambda module, args: shapes.append(tuple(args[0].shape)))
+    try:
+        engine.predict([_disc_image()[0], np.full((48, 100, 3), GREY, np.uint8)])
+    finally:
+        hook.remove()
+    assert shapes == [(2, 3, SIZE, SIZE)]
+
+
+def test_dynamic_size_keeps_the_aspect_in_multiples_of_32_up_to_input_size(tiny_dir):
+    dynamic = BiRefNetEngine(str(tiny_dir), device="cpu", input_size=1024, dynamic_size=True)
+    assert dynamic.info.input_size is None and dynamic.info.max_side == 1024
+    assert dynamic.run_shape(np.zeros((600, 800, 3), np.uint8)) == (608, 800)
+    assert dynamic.run_shape(np.zeros((1500, 3000, 3), np.uint8)) == (512, 1024)
+    assert dynamic.run_shape(np.zeros((10, 20, 3), np.uint8)) == (32, 32)
+
+
+def test_dynamic_size_masks_match_the_disc_at_the_image_size(tiny_dir):
+    dynamic = _loaded(tiny_dir, dynamic_size=True)
+    h, w = 48, 100
+    image = np.full((h, w, 3), GREY, np.uint8)
+    disc = _disc(h, (24, 60), 16, width=w)
+    image[disc] = RED
+    (mask,) = dynamic.predict([image])
+    assert mask.shape == (h, w)
+    assert _iou(mask >= 128, disc) >= 0.9
+
+
+def test_the_model_config_passes_every_speed_option_to_the_engine(hf_env, tiny_dir):
+    from deployments.segmentation import SegmentationModelConfig, load_engine
+
+    config = SegmentationModelConfig(engine="birefnet", weights=str(tiny_dir), device="cpu", dtype="bfloat16",
+                                     input_size=SIZE, dynamic_size=True, channels_last=True, pin_memory=False)
+    engine, fallback_reason = load_engine("tiny", config)
+    assert fallback_reason is None
+    assert (engine.info.dtype, engine.dynamic_size, engine.channels_last, engine.pin_memory, engine.compile) == (
+        "bfloat16", True, True, False, False)
+    assert engine.warmup_s is not None  # warm-up is on by default in the service's config

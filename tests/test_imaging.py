@@ -325,7 +325,9 @@ def test_pillow_truncated_images_stay_refused_globally():
 
 @pytest.mark.parametrize("args, expected", [
     ((4000, 3000, (1024, 1024), None), (1024, 1024)),
-    ((500, 300, (1024, 1024), None), (1024, 1024)),
+    ((500, 300, (1024, 1024), None), (500, 300)),  # within the model's size: the engine enlarges it
+    ((1024, 300, (1024, 1024), None), (1024, 300)),
+    ((1025, 300, (1024, 1024), None), (1024, 1024)),
     ((4000, 3000, None, 1024), (1024, 768)),
     ((3000, 4000, None, 1024), (768, 1024)),
     ((800, 600, None, 1024), (800, 600)),

@@ -160,6 +160,26 @@ def test_tiny_qwen_job_streams_one_progress_event_per_step(client):
         assert open_image(client.get(entry["url"]).content).size == (64, 48)
 
 
+def test_progress_events_say_when_the_model_finished_each_step(client):
+    from datetime import datetime
+
+    image, _ = flat_design(1024, 768)  # large enough that the stream sees steps run
+    job = submit(client, png_bytes(image), model="classic", layers=3).json()
+    received = []
+    for event, data in sse_events(client, job["id"]):
+        received.append((event, data, time.time()))
+    progress = [(datetime.fromisoformat(data["at"]).timestamp(), at) for event, data, at in received
+                if event == "progress"]
+    assert progress, "no progress event arrived"
+    finished = client.get(f"/v1/jobs/{job['id']}").json()
+    started = datetime.fromisoformat(finished["started_at"]).timestamp()
+    stamps = [stamp for stamp, _ in progress]
+    assert stamps == sorted(stamps)
+    # Stamped in the model replica after the job started, before this client received it
+    # (the same machine's clock).
+    assert all(started <= stamp <= receipt for stamp, receipt in progress)
+
+
 def test_cancelling_a_running_job_ends_it_cancelled_within_one_step(client):
     data, _ = red_disc_png(64, 48)
     job = submit(client, data, **{**QWEN, "steps": 40}).json()

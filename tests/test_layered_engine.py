@@ -136,3 +136,80 @@ def test_importing_the_module_imports_neither_torch_nor_diffusers():
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO_ROOT, capture_output=True,
                             text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# ----------------------------------------------------------------- speed options (the GPU paths, run on CPU)
+#
+# Each option must give the plain path's layers (first_run) within 4 levels of 255
+# on every pixel: attention backends and CPU offload change nothing here; bfloat16 and
+# First Block Cache change the tiny pipeline's layers by a level at most.
+
+TOLERANCE = 4
+
+
+def _loaded(tiny_dir, **options):
+    engine = QwenLayeredEngine(str(tiny_dir), device="cpu", **options)
+    engine.load()
+    return engine
+
+
+def _assert_close(layers, reference):
+    assert len(layers) == len(reference)
+    for a, b in zip(layers, reference):
+        assert a.shape == b.shape
+        assert int(np.abs(a.astype(int) - b.astype(int)).max()) <= TOLERANCE
+
+
+def _count_calls(module):
+    calls = []
+    return calls, module.register_forward_hook(lambda *args: calls.append(1))
+
+
+def test_native_attention_backend_gives_the_same_layers(tiny_dir, image, first_run):
+    _assert_close(_loaded(tiny_dir, attention_backend="native").decompose(image, PARAMS), first_run[0])
+
+
+def test_bfloat16_on_cpu_runs_in_bfloat16_within_tolerance(tiny_dir, image, first_run):
+    bf16 = _loaded(tiny_dir, dtype="bfloat16")
+    assert bf16.info.dtype == "bfloat16"
+    _assert_close(bf16.decompose(image, PARAMS), first_run[0])
+
+
+def test_cpu_offload_without_a_gpu_is_ignored_and_gives_the_same_layers(tiny_dir, image, first_run):
+    _assert_close(_loaded(tiny_dir, cpu_offload=True).decompose(image, PARAMS), first_run[0])
+
+
+def test_first_block_cache_skips_the_later_blocks_when_the_first_barely_changes(tiny_dir, image, first_run):
+    # A threshold this high always counts as "barely changed": after the first step,
+    # every step reuses the cached residual of the blocks after the first.
+    cached = _loaded(tiny_dir, first_block_cache_threshold=1e9)
+    calls, hook = _count_calls(cached._pipe.transformer.transformer_blocks[-1].img_mlp)
+    try:
+        layers = cached.decompose(image, PARAMS)
+    finally:
+        hook.remove()
+    assert len(calls) == 2  # step 1 only (conditional + CFG pass); step 2 skipped it
+    _assert_close(layers, first_run[0])
+
+
+def test_first_block_cache_state_does_not_leak_into_the_next_decomposition(tiny_dir, image):
+    # One step each: were the first call's cache left over, the second call's only step
+    # would be skipped and reuse it.
+    one_step = LayerParams(layers=2, resolution=640, steps=1, seed=7, prompt="a red square on grey")
+    cached = _loaded(tiny_dir, first_block_cache_threshold=1e9)
+    first, second = cached.decompose(image, one_step), cached.decompose(image, one_step)
+    for a, b in zip(first, second, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_first_block_cache_threshold_must_be_positive(tiny_dir):
+    with pytest.raises(ValueError, match="first_block_cache_threshold"):
+        QwenLayeredEngine(str(tiny_dir), device="cpu", first_block_cache_threshold=0)
+
+
+def test_warm_up_decomposes_once_at_load_and_leaves_results_unchanged(tiny_dir, image, first_run):
+    assert _loaded(tiny_dir).warmup_s is None
+    warm = _loaded(tiny_dir, warmup=True)
+    assert warm.warmup_s is not None and warm.warmup_s > 0
+    for a, b in zip(warm.decompose(image, PARAMS), first_run[0], strict=True):
+        np.testing.assert_array_equal(a, b)

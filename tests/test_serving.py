@@ -40,6 +40,18 @@ def test_max_batch_size_changes_at_run_time_without_a_restart(client, tiny_model
     assert after["replica"] == before["replica"]  # reconfigured in place, not restarted
 
 
+def test_a_request_finding_the_model_idle_does_not_wait_for_a_batch_to_fill(client, tiny_models_dir, data_dir):
+    # A batch window longer than model_timeout_s (60 s in test.yaml): a lone request that
+    # waited it out would be answered 503 "model timeout"; one run at once gets its mask.
+    config = with_deployment(tiny_config(tiny_models_dir, data_dir), "tiny",
+                             user_config={"max_batch_size": 8, "batch_wait_timeout_s": 120})
+    deploy_config(config)
+    data, _ = red_disc_png()
+    response = post_image(client, data, model="tiny")
+    assert response.status_code == 200
+    assert response.headers["x-batch-size"] == "1"
+
+
 def test_full_queue_answers_503_with_retry_after(client, tiny_models_dir, data_dir):
     config = with_deployment(tiny_config(tiny_models_dir, data_dir), "tiny", max_ongoing_requests=1,
                              max_queued_requests=1,

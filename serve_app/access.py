@@ -249,17 +249,19 @@ SECURITY_SCHEMES = {
 }
 
 
-def declare_in_openapi(app, access: Callable[[], "AccessControl"]) -> None:
+def declare_in_openapi(app, access: Callable[[], "AccessControl | None"]) -> None:
     """Make `app.openapi()` say, where this deployment requires keys (`access()`),
     which operations take one (all but the open paths) and that they may answer
-    401 and 429. Without keys the document declares no security: it is open."""
+    401 and 429. Without keys (or with no deployment: `access()` is None) the
+    document declares no security: it is open."""
     build = app.openapi
 
     def openapi() -> dict:
         if app.openapi_schema is not None:
             return app.openapi_schema
         schema = build()
-        if not access().keys_required:
+        control = access()
+        if control is None or not control.keys_required:
             app.openapi_schema = schema
             return schema
         schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES

@@ -8,6 +8,7 @@ routes live in `serve_app/routes/` by family; the work they share lives in
 
 from fastapi import FastAPI
 from ray import serve
+from ray.serve.exceptions import RayServeException
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import access
@@ -30,6 +31,15 @@ from serve_app.service import StrataService, current_service
 # remove.bg's under /v1.0/, FastAPI's {"detail"} for rembg's and image-layer-saas's /api/.
 COMPAT_REFUSALS = {"/v1.0/": removebg_compat.refusal, "/api/": detail_errors.refusal}
 
+
+def _replica_access() -> access.AccessControl | None:
+    """This replica's access control; None outside a replica (the document built offline)."""
+    try:
+        return current_service().access
+    except RayServeException:
+        return None
+
+
 app = FastAPI(
     title="Strata",
     version="1",
@@ -46,7 +56,7 @@ app.mount("/static", web.static_files(), name="static")
 # carry its headers too.
 app.add_middleware(access.AccessMiddleware, access=lambda: current_service().access, refusals=COMPAT_REFUSALS)
 app.add_middleware(access.ConfiguredCORSMiddleware, cors=lambda: current_service().config.cors)
-access.declare_in_openapi(app, access=lambda: current_service().access)
+access.declare_in_openapi(app, access=_replica_access)
 
 
 @serve.deployment(max_ongoing_requests=128)

@@ -42,6 +42,11 @@ docs/PERFORMANCE.md explains every figure; in short:
       receipt time of each ``progress`` event minus its ``at`` (when the model
       finished that step, stamped in the model replica).
 
+``engine-options`` (run only when named; made for a GPU box)
+    The BiRefNet engine's speed options (bfloat16, channels_last, torch.compile) each
+    against float32: time per call at batch 1 and 8, and how far the masks move.
+    ``--weights`` and ``--device`` pick the model and device (default: the tiny one, CPU).
+
 Figures taken while other work runs on the machine are noisy; run it on a quiet
 machine (the docs say how the published table was taken). Ratios are measured
 side by side in one run.

@@ -42,6 +42,11 @@ docs/PERFORMANCE.md explains every figure; in short:
       receipt time of each ``progress`` event minus its ``at`` (when the model
       finished that step, stamped in the model replica).
 
+``engine-options`` (run only when named; made for a GPU box)
+    The BiRefNet engine's speed options (bfloat16, channels_last, torch.compile) each
+    against float32: time per call at batch 1 and 8, and how far the masks move.
+    ``--weights`` and ``--device`` pick the model and device (default: the tiny one, CPU).
+
 Figures taken while other work runs on the machine are noisy; run it on a quiet
 machine (the docs say how the published table was taken). Ratios are measured
 side by side in one run.
@@ -341,6 +346,50 @@ def bench_engine(settings: Settings) -> dict:
               f"{row['per_image_vs_batch_1']:>21.2f}x")
     return {"model": "tiny BiRefNet (scripts/make_tiny_models.py)", "input_size": side, "threads": 1,
             "rows": rows}
+
+
+# Speed options of the BiRefNet engine compared by ``engine-options`` (the GPU paths).
+OPTION_SETS: dict[str, dict] = {
+    "float32": {"dtype": "float32"},
+    "bfloat16": {"dtype": "bfloat16"},
+    "bfloat16 + channels_last": {"dtype": "bfloat16", "channels_last": True},
+    "bfloat16 + channels_last + compile": {"dtype": "bfloat16", "channels_last": True, "compile": True},
+}
+
+
+def bench_engine_options(settings: Settings, weights: str | None = None, device: str = "cpu") -> dict:
+    """The BiRefNet engine's speed options, each against float32: time per call at batch 1
+    and 8 (after the engine's own warm-up) and how far its masks are from float32's.
+
+    Made for a GPU box (``--weights ZhengPeng7/BiRefNet --device cuda``); without
+    ``--weights`` it runs the tiny model here, which only shows that every option runs."""
+    from deployments.birefnet import BiRefNetEngine
+
+    side = settings.model_side
+    weights = weights or str(tiny_birefnet_dir())
+    photos = [synthetic_photo(side, side, seed=i) for i in range(8)]
+    rows, reference = [], None
+    for name, options in OPTION_SETS.items():
+        engine = BiRefNetEngine(weights, device=device, input_size=side, warmup=True, **options)
+        started = time.perf_counter()
+        engine.load()
+        load_s = time.perf_counter() - started
+        masks = engine.predict(photos)
+        reference = reference or masks
+        diff = [np.abs(m.astype(np.int16) - r.astype(np.int16)) for m, r in zip(masks, reference)]
+        row = {"options": name, "dtype": engine.info.dtype, "load_and_warmup_s": load_s,
+               "mask_max_diff": int(max(d.max() for d in diff)),
+               "mask_mean_diff": float(np.mean([d.mean() for d in diff]))}
+        for batch in (1, 8):
+            row[f"batch_{batch}_ms"] = statistics.median(_timed(engine.predict, photos[:batch]) for _ in range(3))
+        rows.append(row)
+        del engine
+    print(f"\nEngine options: BiRefNet engine on {device}, {weights}, {side}x{side}; median of 3 calls")
+    print(f"  {'options':<36}{'batch 1 ms':>11}{'batch 8 ms':>11}{'load+warm-up s':>16}{'mask diff max/mean':>20}")
+    for row in rows:
+        print(f"  {row['options']:<36}{row['batch_1_ms']:>11.1f}{row['batch_8_ms']:>11.1f}{row['load_and_warmup_s']:>16.1f}"
+              f"{row['mask_max_diff']:>13}/{row['mask_mean_diff']:.2f}")
+    return {"weights": weights, "device": device, "input_size": side, "rows": rows}
 
 
 # --------------------------------------------------------------------------- servers
@@ -832,6 +881,8 @@ BENCHMARKS: dict[str, Callable[[Settings], dict]] = {
     "engine": bench_engine,
     "serving": bench_serving,
 }
+# Run only when named: made for a GPU box (``--bench engine-options --weights ... --device cuda``).
+ON_REQUEST = ("engine-options",)
 
 
 def environment() -> dict:
@@ -867,8 +918,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short runs, 512x512 photos (under 3 minutes)")
     parser.add_argument("--json", type=Path, metavar="PATH",
                         help="where to write the results (default: bench-results/bench-<mode>-<time>.json)")
-    parser.add_argument("--bench", action="append", choices=sorted(BENCHMARKS), metavar="NAME",
-                        help=f"run only these (repeatable; default all: {', '.join(BENCHMARKS)})")
+    parser.add_argument("--bench", action="append", choices=sorted([*BENCHMARKS, *ON_REQUEST]), metavar="NAME",
+                        help=f"run only these (repeatable; default: {', '.join(BENCHMARKS)}; "
+                             f"on request: {', '.join(ON_REQUEST)})")
+    parser.add_argument("--weights", help="engine-options: a BiRefNet-family model id or directory (default: tiny)")
+    parser.add_argument("--device", default="cpu", help="engine-options: cpu, cuda, cuda:N (default: cpu)")
     args = parser.parse_args(argv)
     settings = QUICK if args.quick else FULL
     env = environment()
@@ -877,7 +931,9 @@ def main(argv: list[str] | None = None) -> int:
           f"load average {[round(x, 2) for x in env['load_average'] or []]}, torch {env['torch']}, "
           f"GPU {env['gpu'] or 'none'}, OpenCV {env['opencv']}, Pillow {env['pillow']}, "
           f"simplejpeg {env['simplejpeg']}")
-    results = {name: BENCHMARKS[name](settings) for name in (args.bench or BENCHMARKS)}
+    runners = {**BENCHMARKS,
+               "engine-options": lambda s: bench_engine_options(s, weights=args.weights, device=args.device)}
+    results = {name: runners[name](settings) for name in (args.bench or BENCHMARKS)}
     elapsed = time.perf_counter() - started
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")
     path = args.json or ROOT / "bench-results" / f"bench-{settings.name}-{stamp}.json"

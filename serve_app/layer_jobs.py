@@ -16,8 +16,8 @@ import logging
 import time
 import uuid
 from collections import defaultdict
-from datetime import datetime, timezone
 from collections.abc import AsyncIterator
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np

@@ -39,12 +39,8 @@ browser:
 test: install-test tiny-models browser
 	RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
 
-$(VENV)/.installed-bench: pyproject.toml $(VENV)/.installed
-	$(BIN)/pip install --quiet -e '.[bench]'
-	touch $@
-
 # The quick benchmark (under 3 minutes on 2 cores); the full one: $(BIN)/python scripts/bench.py
-bench: $(VENV)/.installed-bench
+bench: install
 	$(BIN)/python scripts/bench.py --quick
 
 clean:

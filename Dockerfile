@@ -19,6 +19,14 @@ ENV DEBIAN_FRONTEND=noninteractive \
     PATH=/opt/venv/bin:$PATH \
     HF_HOME=/models/hf
 
+# Ray Serve's fast request path on every node of the image (serve_app/run.py's
+# FAST_PATH_ENV, which explains them; `ray start` under KubeRay reads them from here).
+ENV RAY_SERVE_ENABLE_HA_PROXY=1 \
+    RAY_SERVE_THROUGHPUT_OPTIMIZED=1 \
+    RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH=1073741824 \
+    RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1 \
+    RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5
+
 # Python 3.12 from Ubuntu, and wget (KubeRay's probes and the HEALTHCHECK use it).
 # Versions come from the pinned base image's Ubuntu release: apt pins of exact
 # Debian revisions break the build whenever Ubuntu publishes a security update.

@@ -64,7 +64,6 @@ import os
 import platform
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -89,6 +88,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from serve_app import imaging  # noqa: E402
+from serve_app.run import FAST_PATH_ENV, free_port, spare_serve_ports  # noqa: E402
 
 MODEL_SIZE = (1024, 1024)
 STEPS = ("decode", "resize to model", "mask to full size", "compose", "encode PNG")
@@ -395,12 +395,6 @@ def bench_engine_options(settings: Settings, weights: str | None = None, device:
 # --------------------------------------------------------------------------- servers
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 class Service:
     """An HTTP server the bench started as a subprocess on a loopback port."""
 
@@ -457,7 +451,7 @@ class Service:
 def strata_service(settings: Settings, weights: Path, work: Path) -> Service:
     """Strata from configs/bench.yaml on a fresh local Ray, on a free port."""
     config = yaml.safe_load((ROOT / "configs" / "bench.yaml").read_text())
-    port = _free_port()
+    port = free_port()
     config["http_options"]["port"] = port
     app = config["applications"][0]
     args = app["args"]
@@ -472,7 +466,7 @@ def strata_service(settings: Settings, weights: Path, work: Path) -> Service:
                                    "user_config": {**tiny["user_config"], "max_batch_size": 16}})
     path = work / "strata-bench.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {"RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    env = {"RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **spare_serve_ports()}
     return Service("strata", [sys.executable, "-m", "serve_app.run", str(path)], port, "/v1/health",
                    work / "logs", env)
 
@@ -483,7 +477,7 @@ def batching_models(settings: Settings) -> dict[int, str]:
 
 
 def baseline_service(name: str, codec: str, settings: Settings, weights: Path, work: Path) -> Service:
-    port = _free_port()
+    port = free_port()
     argv = [sys.executable, str(ROOT / "scripts" / "baseline_app.py"), "--port", str(port),
             "--weights", str(weights), "--input-size", str(settings.model_side), "--codec", codec]
     return Service(name, argv, port, "/healthz", work / "logs")
@@ -731,14 +725,18 @@ def bench_serving(settings: Settings) -> dict:
             service.wait_ready(120)
         strata.wait_ready(300, _strata_healthy)
         startup_s = time.perf_counter() - t0
+        # What `python -m serve_app.run` gave Strata's Ray: its defaults unless this environment overrides them.
+        serve_env = {name: strata.env.get(name, value) for name, value in FAST_PATH_ENV.items()}
+        fast = serve_env["RAY_SERVE_ENABLE_HA_PROXY"] == serve_env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
         print(f"\nServing: {side}x{side} JPEG photo ({len(photo) / 1e3:.0f} kB) -> RGBA PNG cutout; tiny BiRefNet at "
-              f"{settings.model_side}x{settings.model_side}; servers up in {startup_s:.0f} s")
+              f"{settings.model_side}x{settings.model_side}; servers up in {startup_s:.0f} s; Strata's request path: "
+              + ("HAProxy, direct ingress, gRPC" if fast else "Serve's default proxy (FAST_PATH_ENV overridden)"))
         urls = {
             "strata": f"{strata.url}/v1/remove-background?model=tiny&refine_foreground=false",
             "baseline": f"{baselines[0].url}/v1/remove-background",
             "baseline-fast": f"{baselines[1].url}/v1/remove-background",
         }
-        return _measure_serving(settings, photo, urls, strata) | {"startup_s": startup_s}
+        return _measure_serving(settings, photo, urls, strata) | {"startup_s": startup_s, "strata_serve_env": serve_env}
     finally:
         for service in services:
             service.stop()
@@ -828,10 +826,10 @@ def _serving_overhead(settings: Settings, photo: bytes, urls: dict[str, str], fl
         "strata_p50_ms": p50["strata"],
         "strata_overhead_p50_ms": p50["strata"] - inprocess,
         # X-Processing-Ms is the ingress's own time (handler start to response): what lies
-        # outside it is the HTTP proxy hop; what lies inside beyond the work, the model call
-        # through Ray, batching's wait and the thread-pool hops.
+        # outside it is the HTTP hop (HAProxy, the replica's HTTP server); what lies inside
+        # beyond the work, the model call through Ray, batching's wait and the thread-pool hops.
         "strata_server_processing_p50_ms": processing,
-        "strata_proxy_and_http_ms": p50["strata"] - processing,
+        "strata_http_hop_ms": p50["strata"] - processing,
         "strata_inside_ingress_overhead_ms": processing - inprocess,
         "baseline_fast_p50_ms": p50["baseline-fast"],
         "baseline_fast_overhead_p50_ms": p50["baseline-fast"] - inprocess,
@@ -840,7 +838,7 @@ def _serving_overhead(settings: Settings, photo: bytes, urls: dict[str, str], fl
     print(f"\nServing overhead at concurrency 1: p50 over HTTP minus the same work in-process "
           f"({inprocess:.1f} ms, of which the engine {engine_ms:.1f} ms); {result['method']}")
     print(f"  Strata (Ray Serve)        p50 {p50['strata']:7.1f} ms   overhead {result['strata_overhead_p50_ms']:6.1f} ms"
-          f"   = proxy+HTTP {result['strata_proxy_and_http_ms']:.1f} + inside the ingress "
+          f"   = HTTP hop {result['strata_http_hop_ms']:.1f} + inside the ingress "
           f"{result['strata_inside_ingress_overhead_ms']:.1f} (model call via Ray, thread hops)")
     print(f"  baseline-fast (uvicorn)   p50 {p50['baseline-fast']:7.1f} ms   overhead "
           f"{result['baseline_fast_overhead_p50_ms']:6.1f} ms")

@@ -63,6 +63,11 @@ import requests
 import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from serve_app.run import free_port, spare_serve_ports  # noqa: E402
+
 ROUTE = "/v1/remove-background"
 
 
@@ -90,18 +95,12 @@ def check_loopback(url: str) -> str:
     return url.rstrip("/")
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def served_strata(config_path: Path, log_path: Path, start_timeout_s: float) -> Iterator[tuple[str, int]]:
     """`python -m serve_app.run CONFIG` on a free loopback port with a throwaway data
     directory; yields (base URL, root pid) once /v1/health answers, stops it after."""
     config = yaml.safe_load(config_path.read_text())
-    port = _free_port()
+    port = free_port()
     config.setdefault("http_options", {}).update(host="127.0.0.1", port=port)
     with tempfile.TemporaryDirectory(prefix="strata-loadtest-") as workdir:
         for application in config["applications"]:
@@ -110,7 +109,7 @@ def served_strata(config_path: Path, log_path: Path, start_timeout_s: float) -> 
         served_config.write_text(yaml.safe_dump(config))
         # A Ray of its own, not whatever cluster this machine runs; the repository
         # first on the path, so this checkout's code is what serves.
-        env = {**os.environ, "RAY_ADDRESS": "local",
+        env = {**os.environ, "RAY_ADDRESS": "local", **spare_serve_ports(),
                "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))}
         with open(log_path, "wb") as log:
             server = subprocess.Popen([sys.executable, "-m", "serve_app.run", str(served_config)], cwd=ROOT,

@@ -347,6 +347,9 @@ def _is_lost_worker(exc: BaseException) -> bool:
 
 
 def _readable_error(exc: BaseException) -> str:
+    if callable(getattr(exc, "details", None)) and callable(getattr(exc, "code", None)):
+        # A gRPC error (calls between deployments): its str() is a multi-line repr.
+        return f"{exc.code().name}: {exc.details()}"[:500]
     text = str(exc).strip().splitlines()
     # Ray wraps remote errors in a traceback; the last line is the error itself.
     return (text[-1] if text else type(exc).__name__)[:500]

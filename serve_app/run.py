@@ -4,13 +4,57 @@
 SIGTERM (what `kill`, systemd and `make` send) meets the handlers `ray.init`
 installs and ends the process abruptly. So `serve run` runs as a child here, and
 a SIGTERM to this process reaches it as the Ctrl-C it handles well.
+
+It also turns on Ray Serve's fast request path (`FAST_PATH_ENV`) for the Ray it starts.
 """
 
 from __future__ import annotations
 
+import os
 import signal
+import socket
 import subprocess
 import sys
+
+# Ray Serve's high-throughput request path (Ray >= 2.56, documented for KubeRay):
+# HAProxy (bundled with ray[serve]) takes HTTP on the configured port and hands it
+# straight to the ingress replicas, which serve it themselves (no Python proxy
+# actor, no call back to it for the body), and deployments call each other over
+# gRPC instead of through the object store. Measured here it took ~20 ms off every
+# request (docs/PERFORMANCE.md). Ray reads these when it starts, so they hold
+# for a Ray this command starts; a cluster needs them in its nodes' environment
+# (the Dockerfile and cluster/vm/strata.env.example set them). Set
+# RAY_SERVE_ENABLE_HA_PROXY and RAY_SERVE_THROUGHPUT_OPTIMIZED to 0 to opt out.
+FAST_PATH_ENV = {
+    "RAY_SERVE_ENABLE_HA_PROXY": "1",
+    "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+    # Calls between deployments carry images (a layer job's input, its layers): gRPC's
+    # 4 MiB default would refuse the larger ones.
+    "RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH": str(1 << 30),
+    # The throughput mode buffers 1000 access-log lines; an operator wants each request's now.
+    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1",
+    # A stopping ingress replica keeps serving this long so load balancers stop sending to
+    # it; Ray's 30 s is for external ones (cloud LBs), HAProxy on the node needs seconds.
+    "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S": "5",
+}
+
+
+def spare_serve_ports() -> dict[str, str]:
+    """Environment that moves the fixed ports Serve's fast path takes on every node
+    (HAProxy's stats and metrics, the fallback proxy HAProxy sends to while no ingress
+    replica is ready) to free ones: for a second Ray on a machine that runs one already
+    (benchmarks, load tests, the test suite). Sharing them, one Ray's HAProxy answers
+    with the other's application."""
+    names = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
+             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+    return {name: str(free_port()) for name in names}
+
+
+def free_port() -> int:
+    """A TCP port free on this machine now."""
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
 
 
 def _default_sigint() -> None:
@@ -21,6 +65,7 @@ def main(argv: list[str]) -> int:
     """Run `serve run argv...` until it exits; returns its exit status."""
     child = subprocess.Popen(
         [sys.executable, "-c", "from ray.serve.scripts import cli; cli()", "run", *argv],
+        env={**FAST_PATH_ENV, **os.environ},
         # Started in the background, a shell hands us SIGINT ignored; the child
         # needs it back to turn it into its clean KeyboardInterrupt shutdown.
         preexec_fn=_default_sigint,

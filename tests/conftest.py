@@ -6,12 +6,17 @@ from __future__ import annotations
 import copy
 import importlib.util
 import os
-import socket
 import sys
 from pathlib import Path
 
+from serve_app.run import FAST_PATH_ENV, free_port, spare_serve_ports
+
 # Ray 2.60 enables token auth for new local clusters; tests run without it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+# The session's Ray takes the request path `make run` and the image give users, with
+# its fixed ports moved to free ones: a test may start another Ray beside it.
+for name, value in {**FAST_PATH_ENV, **spare_serve_ports()}.items():
+    os.environ.setdefault(name, value)
 
 import httpx
 import pytest
@@ -20,10 +25,7 @@ import yaml
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+_free_port = free_port  # the name the tests import
 
 
 def load_script(name: str):

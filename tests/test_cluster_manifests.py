@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -15,6 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
+from serve_app.run import FAST_PATH_ENV
 from tests.conftest import ROOT, load_script
 
 CLUSTER_CONFIG = ROOT / "configs" / "cluster.yaml"
@@ -252,10 +254,17 @@ def test_launcher_deploys_the_cluster_config_from_the_head():
     assert "serve deploy configs/cluster.yaml" in commands
 
 
+def _vm_env_example() -> dict[str, str]:
+    return dict(line.split("=", 1) for line in VM_ENV_EXAMPLE.read_text().splitlines()
+                if line and not line.startswith("#"))
+
+
 def test_vm_env_example_sets_what_the_config_reads():
-    names = {line.split("=", 1)[0] for line in VM_ENV_EXAMPLE.read_text().splitlines()
-             if line and not line.startswith("#")}
-    assert env_references(CLUSTER_CONFIG.read_text()) | {"HF_TOKEN", "HF_HOME"} <= names
+    assert env_references(CLUSTER_CONFIG.read_text()) | {"HF_TOKEN", "HF_HOME"} <= set(_vm_env_example())
+
+
+def test_vm_nodes_take_serves_fast_request_path():
+    assert FAST_PATH_ENV.items() <= _vm_env_example().items()
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -279,6 +288,14 @@ def test_hadolint_finds_problems_in_a_bad_dockerfile(tmp_path):
     result = subprocess.run([_hadolint(), "--no-color", str(bad)], capture_output=True, text=True)
     assert result.returncode != 0
     assert "DL3007" in result.stdout  # the :latest tag
+
+
+def test_image_takes_serves_fast_request_path():
+    # ENV instructions, continuation lines joined: what every process of the image inherits.
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    env = dict(item.split("=", 1) for line in text.splitlines() if line.startswith("ENV ")
+               for item in shlex.split(line[4:]))
+    assert FAST_PATH_ENV.items() <= env.items()
 
 
 def test_image_runs_as_a_non_root_user_and_checks_its_health():

@@ -28,6 +28,7 @@ import psutil
 import pytest
 import yaml
 
+from serve_app.run import spare_serve_ports
 from tests.conftest import ROOT, _free_port, tiny_config
 from tests.test_remove_background_api import post_image, red_disc_png
 
@@ -72,7 +73,7 @@ class LocalCluster:
         self.nodes.append(subprocess.Popen(
             [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--temp-dir",
              str(self.temp_root / name), "--object-store-memory", str(100 * 1024**2), *ports, *args],
-            env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            env={**self.env, **spare_serve_ports()}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         log.close()
 
     def start(self) -> None:

@@ -283,3 +283,17 @@ def test_50_jobs_against_a_queue_bound_of_20_are_202_or_503_and_none_vanish(clie
     busy_dispatcher()  # free the slots: every accepted job must now run
     accepted = [r.json()["id"] for r in responses if r.status_code == 202]
     assert [wait_for_end(client, job_id)["status"] for job_id in accepted] == ["succeeded"] * 20
+
+
+def test_a_job_failed_by_a_call_between_deployments_says_why_in_one_line():
+    # Deployments call each other over gRPC (serve_app.run.FAST_PATH_ENV); such a
+    # failure's str() is a multi-line repr whose last line is ">". Built here from
+    # grpc's own class: the message-size refusal cannot be provoked at a 1 GiB limit.
+    from grpc import StatusCode
+    from grpc.aio import AioRpcError, Metadata
+
+    from serve_app.layer_jobs import _readable_error
+
+    error = AioRpcError(StatusCode.RESOURCE_EXHAUSTED, Metadata(), Metadata(),
+                        details="Received message larger than max (5000000 vs. 4194304)")
+    assert _readable_error(error) == "RESOURCE_EXHAUSTED: Received message larger than max (5000000 vs. 4194304)"

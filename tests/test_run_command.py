@@ -15,6 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
+from serve_app.run import FAST_PATH_ENV, spare_serve_ports
 from tests.conftest import ROOT, _free_port, load_config
 from tests.images import product_photo
 from tests.test_remove_background_api import jpeg_bytes
@@ -45,7 +46,7 @@ def stop_with_ctrl_c(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.parametrize("stop", [stop_with_sigterm, stop_with_ctrl_c], ids=["SIGTERM", "Ctrl-C"])
-def test_make_run_serves_local_yaml_here_and_stops_cleanly(tmp_path, stop):
+def test_make_run_serves_local_yaml_through_haproxy_and_stops_cleanly(tmp_path, stop):
     # configs/local.yaml as `make run` serves it, on a free port with its own data.
     port = _free_port()
     config = load_config("local.yaml")
@@ -56,7 +57,9 @@ def test_make_run_serves_local_yaml_here_and_stops_cleanly(tmp_path, stop):
 
     # RAY_ADDRESS=local: a Ray of its own (sized by this machine), not the test
     # session's cluster. HF_HUB_OFFLINE: no weights here, deterministically.
-    env = {**os.environ, "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1"}
+    # Without the fast path's variables, which the test session sets: `make run` sets them itself.
+    env = {**{k: v for k, v in os.environ.items() if k not in FAST_PATH_ENV},
+           "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", **spare_serve_ports()}
     process = subprocess.Popen([sys.executable, "-m", "serve_app.run", str(config_path)],
                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
@@ -74,6 +77,10 @@ def test_make_run_serves_local_yaml_here_and_stops_cleanly(tmp_path, stop):
 
         ray_processes = psutil.Process(process.pid).children(recursive=True)
         assert ray_processes, "serve run started no Ray processes"
+        # Serve's fast request path (serve_app.run.FAST_PATH_ENV): HAProxy holds the port.
+        listeners = {c.pid for c in psutil.net_connections("tcp")
+                     if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
+        assert {p.name() for p in ray_processes if p.pid in listeners} == {"haproxy"}
         stop(process)
         assert process.wait(timeout=60) == 0
         _, alive = psutil.wait_procs(ray_processes, timeout=30)

@@ -89,6 +89,7 @@ if str(ROOT) not in sys.path:
 
 from serve_app import imaging  # noqa: E402
 from serve_app.run import FAST_PATH_ENV, free_port, spare_serve_ports  # noqa: E402
+from serve_app.transport import BY_REFERENCE_ABOVE_BYTES  # noqa: E402
 
 MODEL_SIZE = (1024, 1024)
 STEPS = ("decode", "resize to model", "mask to full size", "compose", "encode PNG")
@@ -874,13 +875,72 @@ def _print_http(http: list[dict]) -> None:
         print(f"  {r['system']:<15}{load:<12}{r['throughput_rps']:>8.1f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}"
               f"{r['p99_ms']:>9.1f}{r['errors']:>8}{batch:>12}")
 
+# --------------------------------------------------------------------------- transport (on request)
+
+
+TRANSPORT_SIZES = (58_000, 262_000, 512_000, 786_000, 1_500_000, 3_000_000)
+
+
+def bench_transport(settings: Settings) -> dict:
+    """One call from a deployment to another by payload size, over gRPC and through Ray's
+    object store, on a Ray of its own in this process under Serve's fast request path:
+    the measurements behind serve_app.transport's threshold."""
+    for name, value in {**FAST_PATH_ENV, **spare_serve_ports(), "RAY_AUTH_MODE": "disabled"}.items():
+        os.environ.setdefault(name, value)
+    import ray
+    from ray import serve
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Receiver:
+        async def take(self, payload: bytes) -> int:
+            return len(payload)
+
+    @serve.deployment(ray_actor_options={"num_cpus": 0})
+    class Sender:
+        def __init__(self, receiver) -> None:
+            self.receiver = receiver
+
+        async def timings(self, reps: int) -> dict[str, dict[str, float]]:
+            result: dict[str, dict[str, float]] = {}
+            for size in TRANSPORT_SIZES:
+                payload = bytes(size)
+                for by_reference in (False, True):
+                    handle = self.receiver.options(_by_reference=by_reference)
+                    times = []
+                    for _ in range(reps):
+                        sent = time.perf_counter()
+                        await handle.take.remote(payload)
+                        times.append((time.perf_counter() - sent) * 1000)
+                    route = "object store" if by_reference else "gRPC"
+                    result.setdefault(str(size), {})[route] = statistics.median(times[3:])
+            return result
+
+    async def measure(handle) -> dict:
+        timings = await handle.timings.remote(30 if settings.name == "quick" else 100)
+        await serve.shutdown_async()
+        return timings
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        handle = serve.run(Sender.bind(Receiver.bind()), name="transport", route_prefix=None)
+        timings = asyncio.run(measure(handle))
+    finally:
+        ray.shutdown()
+    print("\nA call between deployments by payload size (median ms; serve_app.transport sends by reference "
+          f"above {BY_REFERENCE_ABOVE_BYTES / 1e6:.2f} MB)")
+    print(f"  {'payload':>10}{'gRPC':>9}{'object store':>14}")
+    for size, routes in timings.items():
+        print(f"  {int(size) / 1e3:>7.0f} kB{routes['gRPC']:>9.1f}{routes['object store']:>14.1f}")
+    return {"median_ms_by_payload_bytes": timings, "by_reference_above_bytes": BY_REFERENCE_ABOVE_BYTES}
+
+
 BENCHMARKS: dict[str, Callable[[Settings], dict]] = {
     "cpu-path": bench_cpu_path,
     "engine": bench_engine,
     "serving": bench_serving,
 }
 # Run only when named: made for a GPU box (``--bench engine-options --weights ... --device cuda``).
-ON_REQUEST = ("engine-options",)
+ON_REQUEST = ("engine-options", "transport")
 
 
 def environment() -> dict:
@@ -930,7 +990,8 @@ def main(argv: list[str] | None = None) -> int:
           f"GPU {env['gpu'] or 'none'}, OpenCV {env['opencv']}, Pillow {env['pillow']}, "
           f"simplejpeg {env['simplejpeg']}")
     runners = {**BENCHMARKS,
-               "engine-options": lambda s: bench_engine_options(s, weights=args.weights, device=args.device)}
+               "engine-options": lambda s: bench_engine_options(s, weights=args.weights, device=args.device),
+               "transport": bench_transport}
     results = {name: runners[name](settings) for name in (args.bench or BENCHMARKS)}
     elapsed = time.perf_counter() - started
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -28,6 +28,7 @@ from deployments.metrics import JobMetrics
 from serve_app import exports, imaging
 from serve_app.jobs import Job, JobStatus, JobStore, Renewal
 from serve_app.storage import Storage
+from serve_app.transport import for_payload
 
 logger = logging.getLogger("ray.serve")
 KIND = "layers"
@@ -150,7 +151,7 @@ class LayerJobRunner:
         heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(job.id, owner))
         try:
             rgba = await run_in_threadpool(lambda: imaging.decode_rgba_png(self.storage.get(input_key(job.id))))
-            stream = self._models[model].options(stream=True).decompose.remote(rgba, params)
+            stream = for_payload(self._models[model], rgba.nbytes).options(stream=True).decompose.remote(rgba, params)
             self._streams[job.id] = stream
             layers, engine = None, None
             async for event in stream:

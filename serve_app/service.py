@@ -35,6 +35,7 @@ from serve_app.layer_jobs import KIND, LayerJobRunner, input_key, layer_key, man
 from serve_app.problems import ProblemError
 from serve_app.schemas import Health, LayersParams, ModelHealth, RemoveBackgroundParams
 from serve_app.storage import open_storage
+from serve_app.transport import for_payload
 from serve_app.url_inputs import UrlFetcher
 
 
@@ -169,7 +170,7 @@ class StrataService:
         # An image already the size to send skips the resize and its thread hop.
         model_input = (image.rgb if size == (image.width, image.height)
                        else await run_in_threadpool(imaging.resize_image, image.rgb, size))
-        result = await self._model_call(model, handle.segment.remote(model_input))
+        result = await self._model_call(model, for_payload(handle, model_input.nbytes).segment.remote(model_input))
         full_mask = await run_in_threadpool(imaging.resize_mask, result.mask, (image.width, image.height))
         return full_mask, result.engine, result.batch_size
 

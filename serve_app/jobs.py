@@ -235,6 +235,12 @@ _t = jobs_table
 _SCHEMA_LOCK = zlib.crc32(b"strata.jobs.schema")
 
 
+def _held_by(job_id: str, owner: str) -> tuple:
+    """WHERE clauses of a job that is running under ``owner``'s lease: what renewing,
+    releasing and finishing it require (anything else means the lease was lost)."""
+    return _t.c.id == job_id, _t.c.status == JobStatus.RUNNING.value, _t.c.lease_owner == owner
+
+
 def _queue_lock_key(kind: str) -> int:
     return zlib.crc32(b"strata.jobs.queue:" + kind.encode())
 
@@ -638,11 +644,7 @@ class JobStore:
         with self._tx(write=True) as conn:
             renewed = conn.execute(
                 update(_t)
-                .where(
-                    _t.c.id == job_id,
-                    _t.c.status == JobStatus.RUNNING.value,
-                    _t.c.lease_owner == owner,
-                )
+                .where(*_held_by(job_id, owner))
                 .values(**values)
             )
             if renewed.rowcount != 1:
@@ -659,11 +661,7 @@ class JobStore:
         with self._tx(write=True) as conn:
             released = conn.execute(
                 update(_t)
-                .where(
-                    _t.c.id == job_id,
-                    _t.c.status == JobStatus.RUNNING.value,
-                    _t.c.lease_owner == owner,
-                )
+                .where(*_held_by(job_id, owner))
                 .values(lease_expires_at=now)
             )
             return released.rowcount == 1
@@ -698,11 +696,7 @@ class JobStore:
         with self._tx(write=True) as conn:
             done = conn.execute(
                 update(_t)
-                .where(
-                    _t.c.id == job_id,
-                    _t.c.status == JobStatus.RUNNING.value,
-                    _t.c.lease_owner == owner,
-                )
+                .where(*_held_by(job_id, owner))
                 .values(**values)
             )
             return done.rowcount == 1

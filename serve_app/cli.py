@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import asyncio
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, Literal, TypeVar
 
 import anyio
 import typer
@@ -42,6 +43,8 @@ from serve_app.client import (
     StrataError,
 )
 from serve_app.client import Progress as JobProgress
+
+T = TypeVar("T")
 
 app = typer.Typer(
     name="strata",
@@ -312,6 +315,15 @@ def _download_layers(strata: StrataClient, job: Job, out: Path, stem: str, *, ps
 # -- jobs, health -------------------------------------------------------------
 
 
+def _ask(server: str, api_key: str | None, timeout: float, question: Callable[[StrataClient], T]) -> T:
+    """One question to the server; its failure ends the command with the reason."""
+    try:
+        with StrataClient(server, api_key=api_key, timeout=timeout) as strata:
+            return question(strata)
+    except StrataError as exc:
+        raise _fail(str(exc)) from exc
+
+
 @app.command("jobs")
 def jobs(
     status: Annotated[JobStatusName | None, typer.Option(help="Only jobs in this state.")] = None,
@@ -321,11 +333,7 @@ def jobs(
     timeout: Timeout = 30.0,
 ) -> None:
     """List recent layer jobs, newest first."""
-    try:
-        with StrataClient(server, api_key=api_key, timeout=timeout) as strata:
-            page = strata.jobs(status=status, limit=limit)
-    except StrataError as exc:
-        raise _fail(str(exc)) from exc
+    page = _ask(server, api_key, timeout, lambda strata: strata.jobs(status=status, limit=limit))
     if not page.jobs:
         _stdout().print(f"no {status + ' ' if status else ''}jobs at {escape(server)}")
         return
@@ -360,11 +368,7 @@ def health(
     timeout: Timeout = 30.0,
 ) -> None:
     """Each model's engine, device and replicas. Exits 1 when the service is degraded."""
-    try:
-        with StrataClient(server, api_key=api_key, timeout=timeout) as strata:
-            report = strata.health()
-    except StrataError as exc:
-        raise _fail(str(exc)) from exc
+    report = _ask(server, api_key, timeout, StrataClient.health)
     console = _stdout()
     console.print(f"Strata at {escape(server)}: {report.status}")
     for title, models, default in (("Background removal", report.models, report.default_model),

@@ -428,23 +428,13 @@
       refine_foreground: String($("refine").checked),
     });
     if (ui.useBg.checked) params.set("bg_color", ui.bgColor.value);
-    const body = new FormData();
-    body.append("image", file, file.name);
 
-    state.busy = true;
-    updateRunButton();
     const info = modelsForTask().models[ui.model.value] || {};
     ui.busyText.textContent = `Removing the background with ${ui.model.value} (${info.engine || "model"})…`;
     setBadge("Working", "running");
     showPanel("busy");
     revealResult();
-    try {
-      const response = await fetch(`/v1/remove-background?${params}`, { method: "POST", body });
-      if (!response.ok) {
-        setBadge("Failed", "failed");
-        showResultError(await problemOf(response));
-        return;
-      }
+    await postImage(`/v1/remove-background?${params}`, file, async (response) => {
       const blob = await response.blob();
       if (state.cutoutUrl) URL.revokeObjectURL(state.cutoutUrl);
       state.cutoutUrl = URL.createObjectURL(blob);
@@ -466,6 +456,24 @@
       ui.cutoutDownload.textContent = output === "mask" ? "Download mask" : "Download cutout";
       setBadge(output === "mask" ? "Mask ready" : "Cutout ready", "succeeded");
       showPanel("cutout");
+    });
+  }
+
+  // Posts `file` to `url` with the run button held disabled; hands a successful
+  // response to `done`, and shows a failed one's problem (or the network error).
+  async function postImage(url, file, done) {
+    const body = new FormData();
+    body.append("image", file, file.name);
+    state.busy = true;
+    updateRunButton();
+    try {
+      const response = await fetch(url, { method: "POST", body });
+      if (!response.ok) {
+        setBadge("Failed", "failed");
+        showResultError(await problemOf(response));
+        return;
+      }
+      await done(response);
     } catch (error) {
       setBadge("Failed", "failed");
       showResultError(networkProblem(error));
@@ -498,33 +506,17 @@
     numberParam(params, "true_cfg_scale", $("cfg"));
     const prompt = $("prompt").value.trim();
     if (prompt) params.set("prompt", prompt);
-    const body = new FormData();
-    body.append("image", file, file.name);
 
     stopWatching();
-    state.busy = true;
-    updateRunButton();
     setBadge("Uploading", "queued");
     showPanel("job");
     revealResult();
     setProgress({ status: "queued", progress: 0, step: null, total_steps: null });
     ui.cancel.hidden = true;
-    try {
-      const response = await fetch(`/v1/layers?${params}`, { method: "POST", body });
-      if (!response.ok) {
-        setBadge("Failed", "failed");
-        showResultError(await problemOf(response));
-        return;
-      }
+    await postImage(`/v1/layers?${params}`, file, async (response) => {
       openJob(await response.json(), file.name);
       loadJobs();
-    } catch (error) {
-      setBadge("Failed", "failed");
-      showResultError(networkProblem(error));
-    } finally {
-      state.busy = false;
-      updateRunButton();
-    }
+    });
   }
 
   function statusLabel(job) {

@@ -71,20 +71,25 @@ class Health(BaseModel):
     layer_models: dict[str, ModelHealth] = Field(description="Layer-decomposition models.")
 
 
-# Errors are sent as application/problem+json only: declare that media type, with its schema.
-PROBLEM_RESPONSES = {
-    status: {"description": description,
-             "content": {"application/problem+json": {"schema": Problem.model_json_schema()}}}
-    for status, description in {
-        400: "Empty, truncated or corrupt image, or a malformed multipart body",
-        404: "No such job or file",
-        408: "The upload stalled (no bytes for the upload timeout), or fetching `image_url` timed out",
-        413: "Upload, fetched image or image too large",
-        415: "Not an image this service reads",
-        422: "Invalid parameters or image",
-        503: "Busy: retry after the Retry-After header's seconds",
-    }.items()
+ERROR_STATUSES = {
+    400: "Empty, truncated or corrupt image, or a malformed multipart body",
+    404: "No such job or file",
+    408: "The upload stalled (no bytes for the upload timeout), or fetching `image_url` timed out",
+    413: "Upload, fetched image or image too large",
+    415: "Not an image this service reads",
+    422: "Invalid parameters or image",
+    503: "Busy: retry after the Retry-After header's seconds",
 }
+
+
+def error_responses(media_type: str, schema: dict[str, Any]) -> dict[int, dict[str, Any]]:
+    """The OpenAPI `responses` of the error statuses, each a `media_type` body of `schema`."""
+    return {status: {"description": description, "content": {media_type: {"schema": schema}}}
+            for status, description in ERROR_STATUSES.items()}
+
+
+# Strata's own errors are application/problem+json only: declare that media type, with its schema.
+PROBLEM_RESPONSES = error_responses("application/problem+json", Problem.model_json_schema())
 
 
 class LayersParams(ImageSourceParams):

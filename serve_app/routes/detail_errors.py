@@ -23,6 +23,12 @@ from pydantic import ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from serve_app.problems import ProblemError
+from serve_app.schemas import error_responses
+
+# What these routes' errors look like in the OpenAPI document: `detail` is a string,
+# or FastAPI's list of validation errors (422).
+DETAIL_RESPONSES = error_responses("application/json", {
+    "type": "object", "required": ["detail"], "properties": {"detail": {}}})
 
 
 class DetailErrorRoute(APIRoute):

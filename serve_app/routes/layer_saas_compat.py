@@ -49,7 +49,7 @@ from serve_app import exports
 from serve_app.access import request_owner
 from serve_app.jobs import Job, JobStatus
 from serve_app.problems import ProblemError
-from serve_app.routes.detail_errors import DetailErrorRoute, missing_field, validation_error
+from serve_app.routes.detail_errors import DETAIL_RESPONSES, DetailErrorRoute, missing_field, validation_error
 from serve_app.schemas import LayersParams
 from serve_app.service import StrataService, current_service
 from serve_app.uploads import read_form
@@ -60,7 +60,7 @@ class LayerSaasRoute(DetailErrorRoute):
     remapped_statuses = {415: 400}
 
 
-router = APIRouter(route_class=LayerSaasRoute, tags=["image-layer-saas compatible"])
+router = APIRouter(route_class=LayerSaasRoute, tags=["image-layer-saas compatible"], responses=DETAIL_RESPONSES)
 Service = Annotated[StrataService, Depends(current_service)]
 # Tasks belong to the API key that created them, as Strata's jobs do (serve_app/access.py).
 Owner = Annotated[str | None, Depends(request_owner)]

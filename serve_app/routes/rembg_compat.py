@@ -41,11 +41,11 @@ from starlette.concurrency import run_in_threadpool
 
 from serve_app import imaging
 from serve_app.problems import ProblemError
-from serve_app.routes.detail_errors import DetailErrorRoute, missing_field, validation_error
+from serve_app.routes.detail_errors import DETAIL_RESPONSES, DetailErrorRoute, missing_field, validation_error
 from serve_app.service import Matte, StrataService, current_service
 from serve_app.uploads import read_form
 
-router = APIRouter(route_class=DetailErrorRoute, tags=["rembg compatible"])
+router = APIRouter(route_class=DetailErrorRoute, tags=["rembg compatible"], responses=DETAIL_RESPONSES)
 Service = Annotated[StrataService, Depends(current_service)]
 
 

@@ -61,6 +61,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from serve_app import imaging
 from serve_app.config import UploadLimits
 from serve_app.problems import ProblemError
+from serve_app.schemas import error_responses
 from serve_app.service import Matte, StrataService, current_service
 from serve_app.uploads import is_multipart, read_body, read_form
 
@@ -140,7 +141,11 @@ class RemoveBgErrorRoute(APIRoute):
         return route
 
 
-router = APIRouter(route_class=RemoveBgErrorRoute, tags=["remove.bg compatible"])
+# remove.bg's error body; failures of the input are 400 with remove.bg's codes (_PROBLEM_CODES).
+_ERRORS = {"type": "object", "required": ["errors"], "description": '`{"errors": [{"title", "code", "detail"}]}`',
+           "properties": {"errors": {"type": "array", "items": {"type": "object"}}}}
+router = APIRouter(route_class=RemoveBgErrorRoute, tags=["remove.bg compatible"],
+                   responses=error_responses("application/json", _ERRORS))
 
 # ----------------------------------------------------------------------------- parameters
 
@@ -474,8 +479,7 @@ def _wants_json(request: Request) -> bool:
     response_class=Response,
     responses={200: {"description": "The result image (or ZIP), or JSON with Accept: application/json",
                      "content": {"image/png": {}, "image/jpeg": {}, "application/zip": {},
-                                 "application/json": {}}},
-               400: {"description": "`{\"errors\": [{\"title\", \"code\", \"detail\"}]}`"}},
+                                 "application/json": {}}}},
     openapi_extra={"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "image_file": {"type": "string", "format": "binary"},

@@ -20,7 +20,7 @@ import sys
 # HAProxy (bundled with ray[serve]) takes HTTP on the configured port and hands it
 # straight to the ingress replicas, which serve it themselves (no Python proxy
 # actor, no call back to it for the body), and deployments call each other over
-# gRPC instead of through the object store. Measured here it took ~20 ms off every
+# gRPC instead of through the object store. Measured here it took 10-18 ms off every
 # request (docs/PERFORMANCE.md). Ray reads these when it starts, so they hold
 # for a Ray this command starts; a cluster needs them in its nodes' environment
 # (the Dockerfile and cluster/vm/strata.env.example set them). Set

@@ -6,10 +6,11 @@ whose transfer HTTP/2's flow control paces. Measured by
 `python scripts/bench.py --bench transport` on the 2-core bench machine (median ms of
 one call, gRPC vs the object store): 262 kB 2.6 vs 8.0, 786 kB 7.4 vs 5.5, 1.5 MB
 14.8 vs 7.7, 3 MB (a 1024x1024 model input) 25.8 vs 9.1. A 512x512 photo's model
-input (786 kB) still went faster over gRPC in the whole request (the overhead runs
-of docs/PERFORMANCE.md: ~15-20 ms vs ~23-26 ms with it by reference), so the line is
-drawn above it: a call whose payload passes `BY_REFERENCE_ABOVE_BYTES` goes through
-the object store, as Serve's default path sends everything.
+input (786 kB) still went faster over gRPC in the whole request (serving overhead
+15.5-22.7 ms in three bench runs; 22.8 and 26.4 ms in two runs with it by reference:
+docs/PERFORMANCE.md), so the line is drawn above it: a call whose payload passes
+`BY_REFERENCE_ABOVE_BYTES` goes through the object store, as Serve's default path
+sends everything.
 """
 
 from __future__ import annotations

@@ -141,16 +141,28 @@ def test_killing_a_segmentation_replica_under_load_answers_every_caller_and_it_c
           f"statuses {dict(statuses)}, 0 hung, replica back {recovered_at - killed_at:.1f} s after the kill")
 
 
-def test_a_job_whose_layered_replica_is_killed_mid_run_is_dispatched_again_at_once_and_succeeds(
-        strata, client, tiny_models_dir, data_dir):
-    # A lease far longer than the wait below: the job must not sit out its lease.
+def deploy_with_jobs(tiny_models_dir, data_dir, **jobs) -> dict:
+    """Deploys the tiny app with these `jobs` settings changed; returns its config."""
     config = copy.deepcopy(tiny_config(tiny_models_dir, data_dir))
-    config["applications"][0]["args"]["jobs"]["lease_s"] = 900
+    config["applications"][0]["args"]["jobs"].update(jobs)
     deploy_config(config)
-    rgb = red_disc_png(64, 48)[0]
+    return config
+
+
+def submit_running_qwen_job(client, rgb) -> dict:
+    """A 12-step tiny Qwen job, once its first step is done."""
     job = submit(client, rgb, **{**QWEN, "steps": 12}).json()
     wait_until(lambda: (client.get(f"/v1/jobs/{job['id']}").json()["step"] or 0) >= 1, 120,
                "the job's first step")
+    return job
+
+
+def test_a_job_whose_layered_replica_is_killed_mid_run_is_dispatched_again_at_once_and_succeeds(
+        strata, client, tiny_models_dir, data_dir):
+    # A lease far longer than the wait below: the job must not sit out its lease.
+    deploy_with_jobs(tiny_models_dir, data_dir, lease_s=900)
+    rgb = red_disc_png(64, 48)[0]
+    job = submit_running_qwen_job(client, rgb)
 
     killed_at = time.monotonic()
     killed = kill_replica("layers-tiny-qwen")
@@ -168,13 +180,9 @@ def test_a_job_whose_layered_replica_is_killed_mid_run_is_dispatched_again_at_on
 
 def test_jobs_queued_when_the_app_is_deleted_all_succeed_after_it_is_redeployed(
         strata, client, tiny_models_dir, data_dir):
-    config = copy.deepcopy(tiny_config(tiny_models_dir, data_dir))
-    config["applications"][0]["args"]["jobs"]["max_running"] = 1
-    deploy_config(config)
+    config = deploy_with_jobs(tiny_models_dir, data_dir, max_running=1)
     rgb = red_disc_png(64, 48)[0]
-    running = submit(client, rgb, **{**QWEN, "steps": 12}).json()
-    wait_until(lambda: (client.get(f"/v1/jobs/{running['id']}").json()["step"] or 0) >= 1, 120,
-               "the first job's first step")
+    running = submit_running_qwen_job(client, rgb)
     queued = [submit(client, rgb, model="classic", layers=2).json() for _ in range(3)]
     # One runs at a time (max_running: 1) and the first has many steps to go, so these wait.
     assert [client.get(f"/v1/jobs/{job['id']}").json()["status"] for job in queued] == ["queued"] * 3

@@ -45,17 +45,26 @@ def test_a_steady_rate_below_capacity_gets_only_200s_with_latency_and_memory_fig
     assert len(memory["samples"]) >= 3
 
 
+def overload(tmp_path, strata: str) -> dict:
+    """The load test's report of 12 callers back to back for 5 s on the tiny model."""
+    return report_of(tmp_path, "--url", strata, "--mode", "overload", "--users", "12", "--duration", "5",
+                     "--warmup", "0", "--model", "tiny", "--width", "320", "--height", "240")
+
+
+def assert_every_503_carries_retry_after(report: dict) -> None:
+    statuses = report["status_counts"]
+    assert set(statuses) == {"200", "503"}, statuses
+    assert report["retry_after"]["503"] == statuses["503"] > 0
+    assert report["retry_after"]["all_503s_had_it"] is True
+
+
 def test_past_capacity_every_503_carries_retry_after_and_is_a_problem(strata, tmp_path, tiny_models_dir, data_dir):
     # One request at a time and one waiting: anything more is turned away.
     deploy_config(with_deployment(tiny_config(tiny_models_dir, data_dir), "tiny", max_ongoing_requests=1,
                                   max_queued_requests=1,
                                   user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.5}))
-    report = report_of(tmp_path, "--url", strata, "--mode", "overload", "--users", "12", "--duration", "5",
-                       "--warmup", "0", "--model", "tiny", "--width", "320", "--height", "240")
-    statuses = report["status_counts"]
-    assert set(statuses) == {"200", "503"}, statuses
-    assert report["retry_after"]["503"] == statuses["503"] > 0
-    assert report["retry_after"]["all_503s_had_it"] is True
+    report = overload(tmp_path, strata)
+    assert_every_503_carries_retry_after(report)
     assert report["errors_not_problem_json"] == {}
 
 
@@ -64,12 +73,7 @@ def test_past_the_ingress_queue_the_proxy_503s_carry_retry_after_too(strata, tmp
     config = with_deployment(tiny_config(tiny_models_dir, data_dir), "Ingress", max_ongoing_requests=2,
                              max_queued_requests=1)
     deploy_config(with_deployment(config, "tiny", user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.5}))
-    report = report_of(tmp_path, "--url", strata, "--mode", "overload", "--users", "12", "--duration", "5",
-                       "--warmup", "0", "--model", "tiny", "--width", "320", "--height", "240")
-    statuses = report["status_counts"]
-    assert set(statuses) == {"200", "503"}, statuses
-    assert report["retry_after"]["503"] == statuses["503"] > 0
-    assert report["retry_after"]["all_503s_had_it"] is True
+    assert_every_503_carries_retry_after(overload(tmp_path, strata))
 
 
 def test_a_target_off_this_machine_is_refused_before_any_request(tmp_path):

@@ -14,7 +14,6 @@ import glob
 import json
 import os
 import shutil
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -25,6 +24,7 @@ from pathlib import Path
 import pytest
 
 from serve_app.jobs import Job, JobStatus, JobStore, QueueFull, Renewal
+from serve_app.run import free_port
 
 ROOT = Path(__file__).resolve().parent.parent
 UTC = timezone.utc
@@ -45,12 +45,6 @@ class Clock:
 
 
 # ------------------------------------------------------------------ backends
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def _postgres_unavailable() -> str | None:
@@ -87,7 +81,7 @@ def postgres_server():
         return
     bindir = Path(sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))[-1]).parent
     home = Path(tempfile.mkdtemp(prefix="strata-pg-"))  # short: it holds the socket
-    data, port = home / "data", _free_port()
+    data, port = home / "data", free_port()
     # PostgreSQL refuses to run as root: as root, run it as the system's postgres user.
     as_server = []
     if os.geteuid() == 0:

@@ -46,7 +46,10 @@ def spare_serve_ports() -> dict[str, str]:
     (benchmarks, load tests, the test suite). Sharing them, one Ray's HAProxy answers
     with the other's application."""
     names = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT",
-             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT",
+             # A worker node's own HTTP/gRPC ports (Ray ignores them on a head node): two
+             # nodes of one cluster on one machine, as tests/test_cluster_placement.py runs.
+             "RAY_SERVE_WORKER_PROXY_HTTP_PORT", "RAY_SERVE_WORKER_PROXY_GRPC_PORT")
     return {name: str(free_port()) for name in names}
 
 

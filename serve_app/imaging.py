@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 import cv2
+import fpng
 import numpy as np
 import simplejpeg
 from PIL import (
@@ -669,9 +670,8 @@ def post_process_mask(alpha: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- encoding
 
-# zlib level 1 with the run-length strategy and the "Sub" filter: about 13x faster
-# than Pillow's default PNG writer on photos at the same size, and much smaller on
-# flat areas (the zeroed transparent background) than Huffman-only.
+# Masks (gray): zlib level 1 with the run-length strategy and the "Sub" filter, small
+# and quick on their flat areas. Colour images go to fpng (see encode_png).
 _PNG_PARAMS = [
     cv2.IMWRITE_PNG_COMPRESSION, 1,
     cv2.IMWRITE_PNG_STRATEGY, cv2.IMWRITE_PNG_STRATEGY_RLE,
@@ -691,18 +691,23 @@ def _as_image(array: np.ndarray) -> np.ndarray:
 
 
 def encode_png(array: np.ndarray) -> bytes:
-    """PNG bytes for an RGBA, RGB or single-channel (8-bit gray, e.g. a mask) uint8 array. Lossless."""
+    """PNG bytes for an RGBA, RGB or single-channel (8-bit gray, e.g. a mask) uint8 array. Lossless.
+
+    RGB(A) goes through fpng: about 10x faster than zlib level 1 (512x512 cutout
+    0.6 vs 5.8 ms, 1024x1024 2.8 vs 23 ms on the bench machine) for files ~18 %
+    larger; ask for WebP where bytes matter more. fpng holds the GIL while it works
+    (~3 ms per megapixel), where OpenCV would not, for a tenth of the CPU.
+    """
     array = _as_image(array)
     if array.ndim == 2:
-        bgr = np.ascontiguousarray(array)
-    elif array.shape[2] == 3:
-        bgr = cv2.cvtColor(array, cv2.COLOR_RGB2BGR)  # OpenCV writes BGR(A) order
-    else:
-        bgr = cv2.cvtColor(array, cv2.COLOR_RGBA2BGRA)
-    ok, buf = cv2.imencode(".png", bgr, _PNG_PARAMS)
-    if not ok:
+        ok, buf = cv2.imencode(".png", np.ascontiguousarray(array), _PNG_PARAMS)
+        if not ok:
+            raise RuntimeError(f"PNG encoding failed for an array of shape {array.shape}")
+        return buf.tobytes()
+    data = fpng.from_ndarray(np.ascontiguousarray(array))
+    if not data:  # fpng reports a failure with no bytes, not an exception
         raise RuntimeError(f"PNG encoding failed for an array of shape {array.shape}")
-    return buf.tobytes()
+    return data
 
 
 def encode_webp(array: np.ndarray) -> bytes:

@@ -26,6 +26,10 @@ ENV RAY_SERVE_ENABLE_HA_PROXY=1 \
     RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH=1073741824 \
     RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1 \
     RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S=5
+# Memory settings that spare requests page faults (serve_app/run.py's MEMORY_ENV).
+ENV MALLOC_MMAP_THRESHOLD_=33554432 \
+    MALLOC_TRIM_THRESHOLD_=134217728 \
+    THP_MEM_ALLOC_ENABLE=1
 
 # Python 3.12 from Ubuntu, and wget (KubeRay's probes and the HEALTHCHECK use it).
 # Versions come from the pinned base image's Ubuntu release: apt pins of exact

@@ -88,7 +88,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from serve_app import imaging  # noqa: E402
-from serve_app.run import FAST_PATH_ENV, free_port, spare_serve_ports  # noqa: E402
+from serve_app.run import MEMORY_ENV, SERVING_ENV, free_port, spare_serve_ports  # noqa: E402
 from serve_app.transport import BY_REFERENCE_ABOVE_BYTES  # noqa: E402
 
 MODEL_SIZE = (1024, 1024)
@@ -727,11 +727,11 @@ def bench_serving(settings: Settings) -> dict:
         strata.wait_ready(300, _strata_healthy)
         startup_s = time.perf_counter() - t0
         # What `python -m serve_app.run` gave Strata's Ray: its defaults unless this environment overrides them.
-        serve_env = {name: strata.env.get(name, value) for name, value in FAST_PATH_ENV.items()}
+        serve_env = {name: strata.env.get(name, value) for name, value in SERVING_ENV.items()}
         fast = serve_env["RAY_SERVE_ENABLE_HA_PROXY"] == serve_env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1"
         print(f"\nServing: {side}x{side} JPEG photo ({len(photo) / 1e3:.0f} kB) -> RGBA PNG cutout; tiny BiRefNet at "
               f"{settings.model_side}x{settings.model_side}; servers up in {startup_s:.0f} s; Strata's request path: "
-              + ("HAProxy, direct ingress, gRPC" if fast else "Serve's default proxy (FAST_PATH_ENV overridden)"))
+              + ("HAProxy, direct ingress, gRPC" if fast else "Serve's default proxy (the fast path turned off in this environment)"))
         urls = {
             "strata": f"{strata.url}/v1/remove-background?model=tiny&refine_foreground=false",
             "baseline": f"{baselines[0].url}/v1/remove-background",
@@ -885,7 +885,7 @@ def bench_transport(settings: Settings) -> dict:
     """One call from a deployment to another by payload size, over gRPC and through Ray's
     object store, on a Ray of its own in this process under Serve's fast request path:
     the measurements behind serve_app.transport's threshold."""
-    for name, value in {**FAST_PATH_ENV, **spare_serve_ports(), "RAY_AUTH_MODE": "disabled"}.items():
+    for name, value in {**SERVING_ENV, **spare_serve_ports(), "RAY_AUTH_MODE": "disabled"}.items():
         os.environ.setdefault(name, value)
     import ray
     from ray import serve
@@ -958,7 +958,16 @@ def environment() -> dict:
         "simplejpeg": simplejpeg.__version__,
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
+        "memory_env": {name: os.environ.get(name) for name in MEMORY_ENV},
+        "transparent_hugepage": _sysfs("/sys/kernel/mm/transparent_hugepage/enabled"),
     }
+
+
+def _sysfs(path: str) -> str | None:
+    try:
+        return Path(path).read_text().strip()
+    except OSError:
+        return None
 
 
 def _cpu_model() -> str | None:
@@ -1005,4 +1014,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    # The in-process references and the baselines run under the memory settings Strata's
+    # Ray runs under (glibc reads them when a process starts, hence the restart): what is
+    # compared is serving, not allocators.
+    if any(name not in os.environ for name in MEMORY_ENV):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**MEMORY_ENV, **os.environ})
     raise SystemExit(main())

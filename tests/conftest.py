@@ -9,13 +9,13 @@ import os
 import sys
 from pathlib import Path
 
-from serve_app.run import FAST_PATH_ENV, free_port, spare_serve_ports
+from serve_app.run import SERVING_ENV, free_port, spare_serve_ports
 
 # Ray 2.60 enables token auth for new local clusters; tests run without it.
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-# The session's Ray takes the request path `make run` and the image give users, with
+# The session's Ray takes the environment `make run` and the image give users, with
 # its fixed ports moved to free ones: a test may start another Ray beside it.
-for name, value in {**FAST_PATH_ENV, **spare_serve_ports()}.items():
+for name, value in {**SERVING_ENV, **spare_serve_ports()}.items():
     os.environ.setdefault(name, value)
 
 import httpx

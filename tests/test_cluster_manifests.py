@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from serve_app.run import FAST_PATH_ENV
+from serve_app.run import SERVING_ENV
 from tests.conftest import ROOT, load_script
 
 CLUSTER_CONFIG = ROOT / "configs" / "cluster.yaml"
@@ -263,8 +263,8 @@ def test_vm_env_example_sets_what_the_config_reads():
     assert env_references(CLUSTER_CONFIG.read_text()) | {"HF_TOKEN", "HF_HOME"} <= set(_vm_env_example())
 
 
-def test_vm_nodes_take_serves_fast_request_path():
-    assert FAST_PATH_ENV.items() <= _vm_env_example().items()
+def test_vm_nodes_take_the_serving_environment():
+    assert SERVING_ENV.items() <= _vm_env_example().items()
 
 
 # --------------------------------------------------------------------------- Dockerfile
@@ -290,12 +290,12 @@ def test_hadolint_finds_problems_in_a_bad_dockerfile(tmp_path):
     assert "DL3007" in result.stdout  # the :latest tag
 
 
-def test_image_takes_serves_fast_request_path():
+def test_image_takes_the_serving_environment():
     # ENV instructions, continuation lines joined: what every process of the image inherits.
     text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
     env = dict(item.split("=", 1) for line in text.splitlines() if line.startswith("ENV ")
                for item in shlex.split(line[4:]))
-    assert FAST_PATH_ENV.items() <= env.items()
+    assert SERVING_ENV.items() <= env.items()
 
 
 def test_image_runs_as_a_non_root_user_and_checks_its_health():

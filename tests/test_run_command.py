@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from serve_app.run import FAST_PATH_ENV, spare_serve_ports
+from serve_app.run import MEMORY_ENV, SERVING_ENV, spare_serve_ports
 from tests.conftest import ROOT, _free_port, load_config
 from tests.images import product_photo
 from tests.test_remove_background_api import jpeg_bytes
@@ -57,8 +57,8 @@ def test_make_run_serves_local_yaml_through_haproxy_and_stops_cleanly(tmp_path, 
 
     # RAY_ADDRESS=local: a Ray of its own (sized by this machine), not the test
     # session's cluster. HF_HUB_OFFLINE: no weights here, deterministically.
-    # Without the fast path's variables, which the test session sets: `make run` sets them itself.
-    env = {**{k: v for k, v in os.environ.items() if k not in FAST_PATH_ENV},
+    # Without the serving environment, which the test session sets: `make run` sets it itself.
+    env = {**{k: v for k, v in os.environ.items() if k not in SERVING_ENV},
            "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", **spare_serve_ports()}
     process = subprocess.Popen([sys.executable, "-m", "serve_app.run", str(config_path)],
                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
@@ -77,10 +77,13 @@ def test_make_run_serves_local_yaml_through_haproxy_and_stops_cleanly(tmp_path, 
 
         ray_processes = psutil.Process(process.pid).children(recursive=True)
         assert ray_processes, "serve run started no Ray processes"
-        # Serve's fast request path (serve_app.run.FAST_PATH_ENV): HAProxy holds the port.
+        # Serve's fast request path (serve_app.run.SERVING_ENV): HAProxy holds the port.
         listeners = {c.pid for c in psutil.net_connections("tcp")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
         assert {p.name() for p in ray_processes if p.pid in listeners} == {"haproxy"}
+        # ... and the replicas run under its memory settings (read when a process starts).
+        replicas = [p for p in ray_processes if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::ServeReplica")]
+        assert replicas and all(MEMORY_ENV.items() <= p.environ().items() for p in replicas)
         stop(process)
         assert process.wait(timeout=60) == 0
         _, alive = psutil.wait_procs(ray_processes, timeout=30)

@@ -166,12 +166,14 @@ class StrataService:
         info = self._engine_infos.get(model)
         if info is None:
             info = self._engine_infos[model] = await self._model_call(model, handle.info.remote())
-        size = imaging.model_input_size(image.width, image.height, info.input_size, info.max_side)
-        # An image already the size to send skips the resize and its thread hop.
-        model_input = (image.rgb if size == (image.width, image.height)
+        image_size = (image.width, image.height)
+        size = imaging.model_input_size(*image_size, info.input_size, info.max_side)
+        # An image already the size to send skips the resize and its thread hop; its mask, the way back.
+        model_input = (image.rgb if size == image_size
                        else await run_in_threadpool(imaging.resize_image, image.rgb, size))
         result = await self._model_call(model, for_payload(handle, model_input.nbytes).segment.remote(model_input))
-        full_mask = await run_in_threadpool(imaging.resize_mask, result.mask, (image.width, image.height))
+        full_mask = (result.mask if result.mask.shape[::-1] == image_size
+                     else await run_in_threadpool(imaging.resize_mask, result.mask, image_size))
         return full_mask, result.engine, result.batch_size
 
     def model_name(self, requested: str | None) -> str:

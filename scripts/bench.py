@@ -878,7 +878,7 @@ def _print_http(http: list[dict]) -> None:
 # --------------------------------------------------------------------------- transport (on request)
 
 
-TRANSPORT_SIZES = (58_000, 262_000, 512_000, 786_000, 1_500_000, 3_000_000)
+TRANSPORT_SIZES = (58_000, 262_000, 786_000, 3_000_000, 6_000_000, 12_000_000, 48_000_000)
 
 
 def bench_transport(settings: Settings) -> dict:

@@ -24,6 +24,7 @@ RAYSERVICE = ROOT / "cluster" / "kuberay" / "rayservice.yaml"
 LAUNCHER = ROOT / "cluster" / "vm" / "strata-cluster.yaml"
 VM_ENV_EXAMPLE = ROOT / "cluster" / "vm" / "strata.env.example"
 DOCKERFILE = ROOT / "Dockerfile"
+OPERATIONS = ROOT / "docs" / "OPERATIONS.md"
 DASHBOARD = ROOT / "cluster" / "grafana" / "strata-dashboard.json"
 PROMETHEUS = ROOT / "cluster" / "prometheus" / "prometheus.yml"
 
@@ -265,6 +266,14 @@ def test_vm_env_example_sets_what_the_config_reads():
 
 def test_vm_nodes_take_the_serving_environment():
     assert SERVING_ENV.items() <= _vm_env_example().items()
+
+
+def test_the_operations_guide_exports_the_serving_environment():
+    # What an operator pastes to run `serve run` or their own Ray like `make run`.
+    text = re.sub(r"\\\n", " ", OPERATIONS.read_text())
+    exports = [line for line in text.splitlines() if line.startswith("export RAY_SERVE_")]
+    assert len(exports) == 1
+    assert dict(item.split("=", 1) for item in shlex.split(exports[0])[1:]) == SERVING_ENV
 
 
 # --------------------------------------------------------------------------- Dockerfile

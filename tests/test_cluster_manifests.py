@@ -339,3 +339,20 @@ def test_prometheus_config_scrapes_the_ray_nodes():
     jobs = {job["job_name"]: job for job in config["scrape_configs"]}
     assert jobs["ray"]["file_sd_configs"][0]["files"] == ["/tmp/ray/prom_metrics_service_discovery.json"]
     assert "kubernetes_sd_configs" in jobs["ray-kubernetes"]
+
+
+# Ray's default RAY_SERVE_HAPROXY_METRICS_PORT (this test session's own Ray moves it).
+HAPROXY_METRICS_PORT = 9101
+
+
+def test_prometheus_config_scrapes_haproxy_where_ray_serves_its_metrics():
+    jobs = {job["job_name"]: job for job in yaml.safe_load(PROMETHEUS.read_text())["scrape_configs"]}
+    (relabel,) = jobs["haproxy"]["relabel_configs"]
+    # Prometheus anchors the regex and expands ${1}: a node's Ray endpoint -> its HAProxy's.
+    rewritten = re.fullmatch(relabel["regex"], "10.0.0.5:8080").expand(relabel["replacement"].replace("${1}", r"\1"))
+    assert rewritten == f"10.0.0.5:{HAPROXY_METRICS_PORT}"
+    assert jobs["haproxy"]["file_sd_configs"] == jobs["ray"]["file_sd_configs"]
+    pods = [rayservice()["spec"]["rayClusterConfig"]["headGroupSpec"], *worker_groups().values()]
+    for pod in pods:
+        (container,) = pod["template"]["spec"]["containers"]
+        assert {"containerPort": HAPROXY_METRICS_PORT, "name": "haproxy-metrics"} in container["ports"]

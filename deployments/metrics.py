@@ -115,7 +115,7 @@ class RequestMetrics:
     def __init__(self) -> None:
         self._latency = Histogram(
             "strata_request_latency_seconds",
-            description="Seconds the ingress took for a whole successful request (decode, model, encode).",
+            description="Seconds the ingress took for a successful background removal (decode, model, encode).",
             boundaries=LATENCY_BUCKETS_S, tag_keys=("route", "model"),
         )
 

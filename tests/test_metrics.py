@@ -112,6 +112,25 @@ def test_request_latency_histogram_counts_every_answered_request(metered, batche
     assert total(samples, "ray_strata_request_latency_seconds_bucket", le="+Inf", **labels) == 10
 
 
+# To the session's shared model (`tiny`, the default): `metered`'s counts belong to the tests above and below.
+@pytest.mark.parametrize(("route", "send"), [
+    ("/api/remove", lambda client, data: client.post("/api/remove", params={"model": "tiny"},
+                                                     files={"file": ("photo.png", data)})),
+    ("/v1.0/removebg", lambda client, data: client.post("/v1.0/removebg", files={"image_file": ("photo.png", data)})),
+])
+def test_request_latency_histogram_counts_the_compatible_apis_too(metered, metrics_url, route, send):
+    labels = {"route": route}
+    before = total(scrape(metrics_url), "ray_strata_request_latency_seconds_count", **labels)
+    data, _ = red_disc_png(96, 64)
+    for _ in range(3):
+        response = send(metered, data)
+        assert response.status_code == 200, response.text
+    samples = wait_for(metrics_url,
+                       lambda s: total(s, "ray_strata_request_latency_seconds_count", **labels) >= before + 3)
+    assert total(samples, "ray_strata_request_latency_seconds_count", **labels) == before + 3
+    assert values(samples, "ray_strata_request_latency_seconds_count", **labels, model=response.headers["x-model"])
+
+
 def test_batch_size_histogram_records_each_batch_within_max_batch_size(metered, batched_traffic, metrics_url):
     batches = batches_seen(batched_traffic)
     assert sum(batches) == 10 and all(1 <= size <= 4 for size in batches)

@@ -119,6 +119,7 @@ def _rgba(bgc: tuple[int, ...] | None) -> tuple[int, int, int, int] | None:
 async def _remove(service: StrataService, data: bytes, params: RembgParams, model: str) -> Response:
     matte = await service.matte(data, model)
     png = await run_in_threadpool(_render, matte, params)
+    service.request_metrics.observe("/api/remove", matte.model, matte.elapsed_ms() / 1000)
     return Response(png, media_type="image/png", headers={"X-Model": matte.model, "X-Engine": matte.engine})
 
 

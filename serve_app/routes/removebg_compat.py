@@ -496,6 +496,7 @@ async def remove_background(request: Request, service: Service) -> Response:
     data = await _image_bytes(fields, service)
     matte = await service.matte(data, service.config.default_model, max_pixels=options.max_pixels)
     result = await run_in_threadpool(render, matte, options)
+    service.request_metrics.observe("/v1.0/removebg", matte.model, matte.elapsed_ms() / 1000)
     top, left, fg_width, fg_height = result.foreground
     headers = {
         "X-Width": str(result.width),

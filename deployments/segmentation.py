@@ -81,6 +81,7 @@ class Segmentation:
     mask: np.ndarray
     engine: str
     batch_size: int
+    engine_ms: float  # the engine call that made it: its whole batch
 
 
 @dataclass(eq=False)
@@ -170,8 +171,9 @@ class SegmentationDeployment:
         # The engine call blocks; a thread keeps this replica's loop free to queue
         # the next batch meanwhile.
         masks = await asyncio.to_thread(self._engine.predict, [request.image for request in requests])
-        self._metrics.observe_call(time.perf_counter() - started)
-        return [Segmentation(mask, self._engine.info.engine, len(requests)) for mask in masks]
+        seconds = time.perf_counter() - started
+        self._metrics.observe_call(seconds)
+        return [Segmentation(mask, self._engine.info.engine, len(requests), seconds * 1000) for mask in masks]
 
     def _report_waiting(self) -> None:
         self._metrics.set_queue_depth(len(self._waiting))

@@ -501,6 +501,15 @@ class Sample:
     status: int
     batch_size: int | None = None
     processing_ms: float | None = None
+    server_timing: dict[str, float] | None = None  # Strata's Server-Timing header: step -> ms
+
+
+def _server_timing(header: str | None) -> dict[str, float] | None:
+    """`decode;dur=1.4, model;dur=33.0` -> {"decode": 1.4, "model": 33.0}."""
+    if not header:
+        return None
+    steps = (entry.strip().split(";dur=") for entry in header.split(","))
+    return {name: float(ms) for name, ms in steps}
 
 
 async def _post(session, url: str, photo: bytes, due: float) -> Sample:
@@ -515,10 +524,11 @@ async def _post(session, url: str, photo: bytes, due: float) -> Sample:
             status = response.status
             batch = response.headers.get("X-Batch-Size")
             processing = response.headers.get("X-Processing-Ms")
+            timing = response.headers.get("Server-Timing")
     except (aiohttp.ClientError, asyncio.TimeoutError):
         return Sample(due, sent, time.perf_counter(), 0)
     return Sample(due, sent, time.perf_counter(), status, int(batch) if batch else None,
-                  float(processing) if processing else None)
+                  float(processing) if processing else None, _server_timing(timing))
 
 
 def _session(limit: int):
@@ -795,6 +805,7 @@ async def _interleaved(work: Callable[[], bytes], urls: dict[str, str], photo: b
     Taken in turn so that all of them see the same machine (other load drifts)."""
     times: dict[str, list[float]] = {"in-process": [], **{name: [] for name in urls}}
     processing: list[float] = []
+    steps: dict[str, list[float]] = {}
     async with _session(1) as session:
         for _ in range(reps):
             times["in-process"].append(_timed(work))
@@ -805,8 +816,11 @@ async def _interleaved(work: Callable[[], bytes], urls: dict[str, str], photo: b
                 times[name].append((sample.done - sample.due) * 1000)
                 if name == "strata":
                     processing.append(sample.processing_ms)
+                    for step, ms in sample.server_timing.items():
+                        steps.setdefault(step, []).append(ms)
     return {"p50_ms": {name: statistics.median(t) for name, t in times.items()},
-            "strata_processing_p50_ms": statistics.median(processing)}
+            "strata_processing_p50_ms": statistics.median(processing),
+            "strata_steps_p50_ms": {step: statistics.median(t) for step, t in steps.items()}}
 
 
 def _serving_overhead(settings: Settings, photo: bytes, urls: dict[str, str], floors: dict[str, float]) -> dict:
@@ -832,6 +846,9 @@ def _serving_overhead(settings: Settings, photo: bytes, urls: dict[str, str], fl
         "strata_server_processing_p50_ms": processing,
         "strata_http_hop_ms": p50["strata"] - processing,
         "strata_inside_ingress_overhead_ms": processing - inprocess,
+        # Server-Timing splits the ingress's time: decode, the model call (the engine's own
+        # time within it) and render; the rest is routing, reading the body and thread hops.
+        "strata_steps_p50_ms": turns["strata_steps_p50_ms"],
         "baseline_fast_p50_ms": p50["baseline-fast"],
         "baseline_fast_overhead_p50_ms": p50["baseline-fast"] - inprocess,
         "healthz_p50_ms": floors,
@@ -841,6 +858,11 @@ def _serving_overhead(settings: Settings, photo: bytes, urls: dict[str, str], fl
     print(f"  Strata (Ray Serve)        p50 {p50['strata']:7.1f} ms   overhead {result['strata_overhead_p50_ms']:6.1f} ms"
           f"   = HTTP hop {result['strata_http_hop_ms']:.1f} + inside the ingress "
           f"{result['strata_inside_ingress_overhead_ms']:.1f} (model call via Ray, thread hops)")
+    steps = turns["strata_steps_p50_ms"]
+    rest = processing - steps["decode"] - steps["model"] - steps["render"]
+    print(f"    its parts (p50 of each, Server-Timing): decode {steps['decode']:.1f}, model call {steps['model']:.1f} "
+          f"(engine {steps['engine']:.1f} + {steps['model'] - steps['engine']:.1f} to the replica and back), "
+          f"render {steps['render']:.1f}, rest of the ingress {rest:.1f}, HTTP hop {result['strata_http_hop_ms']:.1f}")
     print(f"  baseline-fast (uvicorn)   p50 {p50['baseline-fast']:7.1f} ms   overhead "
           f"{result['baseline_fast_overhead_p50_ms']:6.1f} ms")
     print("  GET /healthz (no work, the stack's own round trip) p50: "

@@ -175,7 +175,8 @@ class CorsConfig(BaseModel):
     )
     expose_headers: list[str] = Field(
         default_factory=lambda: ["Location", "Retry-After", "X-Request-ID", "X-Model", "X-Engine", "X-Batch-Size",
-                                 "X-Processing-Ms", "X-Width", "X-Height", "Preference-Applied", "Content-Disposition"],
+                                 "X-Processing-Ms", "Server-Timing", "X-Width", "X-Height", "Preference-Applied",
+                                 "Content-Disposition"],
         description="Response headers a page's script may read.",
     )
     allow_credentials: bool = Field(False, description="Let browsers send cookies (Strata uses none; keys go in headers).")

@@ -13,7 +13,7 @@ import asyncio
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +27,7 @@ from starlette.concurrency import run_in_threadpool
 from deployments.decomposition import layer_deployment_name
 from deployments.engine import EngineInfo
 from deployments.metrics import RequestMetrics
+from deployments.segmentation import Segmentation
 from serve_app import exports, imaging
 from serve_app.access import AccessControl
 from serve_app.config import AppConfig
@@ -40,6 +41,21 @@ from serve_app.url_inputs import UrlFetcher
 
 
 @dataclass(frozen=True)
+class ServerTiming:
+    """Where a background removal's time went in the ingress, in ms: its `Server-Timing` header."""
+
+    decode_ms: float
+    model_ms: float  # to the model and back: any resize, the call (a batch's wait included)
+    engine_ms: float  # the engine's own call in the model replica (within model_ms; its whole batch)
+    render_ms: float = 0.0  # set once rendered
+
+    def header(self) -> str:
+        """The `Server-Timing` value (W3C Server Timing): `decode;dur=1.4, model;dur=...`."""
+        steps = {"decode": self.decode_ms, "model": self.model_ms, "engine": self.engine_ms, "render": self.render_ms}
+        return ", ".join(f"{name};dur={ms:.1f}" for name, ms in steps.items())
+
+
+@dataclass(frozen=True)
 class Cutout:
     """A rendered background removal and how it was made."""
 
@@ -48,6 +64,7 @@ class Cutout:
     engine: str
     batch_size: int
     processing_ms: float
+    timing: ServerTiming
 
 
 @dataclass(frozen=True)
@@ -61,9 +78,14 @@ class Matte:
     engine: str
     batch_size: int
     started: float  # time.perf_counter() when the work began
+    timing: ServerTiming
 
     def elapsed_ms(self) -> float:
-        return (time.perf_counter() - self.started) * 1000
+        return _ms_since(self.started)
+
+
+def _ms_since(started: float) -> float:
+    return (time.perf_counter() - started) * 1000
 
 
 async def _await(response):
@@ -142,11 +164,13 @@ class StrataService:
         """Decode `data`, segment it with the requested model and render the answer."""
         bg_color = imaging.parse_hex_color(params.bg_color) if params.bg_color else None
         matte = await self.matte(data, self.model_name(params.model))
+        render_started = time.perf_counter()
         rendered = await run_in_threadpool(
             imaging.render_cutout, matte.image, matte.alpha, output=params.output, format=params.format,
             bg_color=bg_color, crop=params.crop, refine_foreground=params.refine_foreground,
         )
-        return Cutout(rendered, matte.model, matte.engine, matte.batch_size, matte.elapsed_ms())
+        timing = replace(matte.timing, render_ms=_ms_since(render_started))
+        return Cutout(rendered, matte.model, matte.engine, matte.batch_size, matte.elapsed_ms(), timing)
 
     async def matte(self, data: bytes, model: str, *, max_pixels: int | None = None) -> Matte:
         """Decode `data` (shrunk to at most `max_pixels` when given) and segment it with
@@ -156,12 +180,15 @@ class StrataService:
         input_size = (image.width, image.height)
         if max_pixels is not None:
             image = await run_in_threadpool(imaging.downscale_to_pixels, image, max_pixels)
-        full_mask, engine, batch_size = await self.alpha_mask(model, image)
+        decode_ms = _ms_since(started)
+        model_started = time.perf_counter()
+        full_mask, result = await self.alpha_mask(model, image)
+        timing = ServerTiming(decode_ms=decode_ms, model_ms=_ms_since(model_started), engine_ms=result.engine_ms)
         alpha = full_mask if image.alpha is None else await run_in_threadpool(np.minimum, full_mask, image.alpha)
-        return Matte(image, alpha, input_size, model, engine, batch_size, started)
+        return Matte(image, alpha, input_size, model, result.engine, result.batch_size, started, timing)
 
-    async def alpha_mask(self, model: str, image: imaging.DecodedImage) -> tuple[np.ndarray, str, int]:
-        """The image-sized alpha mask of `model`, the engine that made it and its batch size."""
+    async def alpha_mask(self, model: str, image: imaging.DecodedImage) -> tuple[np.ndarray, Segmentation]:
+        """The image-sized alpha mask of `model`, and the model's answer (engine, batch size, time)."""
         handle = self.segmenters[model]
         info = self._engine_infos.get(model)
         if info is None:
@@ -174,7 +201,7 @@ class StrataService:
         result = await self._model_call(model, for_payload(handle, model_input.nbytes).segment.remote(model_input))
         full_mask = (result.mask if result.mask.shape[::-1] == image_size
                      else await run_in_threadpool(imaging.resize_mask, result.mask, image_size))
-        return full_mask, result.engine, result.batch_size
+        return full_mask, result
 
     def model_name(self, requested: str | None) -> str:
         """The served segmentation model `requested` names (the default when None), or a 422."""

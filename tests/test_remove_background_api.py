@@ -84,6 +84,20 @@ def test_response_says_model_engine_batch_and_time(client):
     assert float(response.headers["x-processing-ms"]) > 0
 
 
+def test_server_timing_splits_the_processing_time_into_its_steps(client):
+    data, _ = red_disc_png()
+    response = post_image(client, data, model="tiny")
+    steps = {}
+    for entry in response.headers["server-timing"].split(","):
+        name, duration = entry.strip().split(";dur=")
+        steps[name] = float(duration)
+    assert list(steps) == ["decode", "model", "engine", "render"]
+    assert all(ms > 0 for ms in steps.values())
+    # The engine runs within the model call; the steps lie within the ingress's own time (rounding: 0.1 ms each).
+    assert steps["engine"] <= steps["model"] + 0.1
+    assert steps["decode"] + steps["model"] + steps["render"] <= float(response.headers["x-processing-ms"]) + 0.3
+
+
 def test_request_id_is_echoed_when_sent(client):
     data, _ = red_disc_png()
     response = client.post("/v1/remove-background", files={"image": ("a.png", data)},

@@ -39,6 +39,7 @@ async def remove_background(request: Request, params: Annotated[RemoveBackground
             "X-Engine": cutout.engine,
             "X-Batch-Size": str(cutout.batch_size),
             "X-Processing-Ms": f"{cutout.processing_ms:.1f}",
+            "Server-Timing": cutout.timing.header(),
             "X-Width": str(rendered.width),
             "X-Height": str(rendered.height),
         },

@@ -29,6 +29,7 @@ ENV RAY_SERVE_ENABLE_HA_PROXY=1 \
 # Memory settings that spare requests page faults (serve_app/run.py's MEMORY_ENV).
 ENV MALLOC_MMAP_THRESHOLD_=33554432 \
     MALLOC_TRIM_THRESHOLD_=134217728 \
+    MALLOC_ARENA_MAX=2 \
     THP_MEM_ALLOC_ENABLE=1
 
 # Python 3.12 from Ubuntu, and wget (KubeRay's probes and the HEALTHCHECK use it).

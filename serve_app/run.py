@@ -49,6 +49,10 @@ MEMORY_ENV = {
     # buffer and returning freed memory at once (its defaults start at 128 kB).
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),
     "MALLOC_TRIM_THRESHOLD_": str(128 << 20),
+    # ...which a process then keeps per malloc arena, and glibc gives each thread its own
+    # arena (up to 8 per core): the ingress's thread pool kept ~470 MB in a soak. Two
+    # arenas bound what is kept; the few large allocations of a request barely contend.
+    "MALLOC_ARENA_MAX": "2",
     # PyTorch: CPU tensors of 2 MB and more on transparent huge pages (where the kernel's
     # THP mode is madvise or always): the tiny BiRefNet's CPU call took half the time.
     "THP_MEM_ALLOC_ENABLE": "1",

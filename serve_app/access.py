@@ -66,9 +66,10 @@ def is_open_path(path: str) -> bool:
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
 
 
-def request_owner(request: Request) -> str | None:
+async def request_owner(request: Request) -> str | None:
     """The key id of the request's caller; None when the API is open (no keys
-    configured): then every job is everyone's. A FastAPI dependency."""
+    configured): then every job is everyone's. A FastAPI dependency (async, so
+    FastAPI calls it on the event loop rather than through its thread pool)."""
     return request.scope.get(_OWNER_SCOPE_KEY)
 
 

@@ -18,7 +18,7 @@ from serve_app.config import AppConfig, AuthConfig
 
 def app_with(access: AccessControl) -> TestClient:
     async def whoami(request):
-        return PlainTextResponse(str(request_owner(request)))
+        return PlainTextResponse(str(await request_owner(request)))
 
     app = Starlette(routes=[Route("/v1/whoami", whoami), Route("/healthz", whoami)])
     app.add_middleware(AccessMiddleware, access=lambda: access)

@@ -2,11 +2,11 @@
 
 from typing import Annotated
 
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 
 from serve_app.openapi import IMAGE_BODY
 from serve_app.schemas import PROBLEM_RESPONSES, RemoveBackgroundParams
-from serve_app.service import StrataService, current_service
+from serve_app.service import CurrentService
 from serve_app.uploads import read_image_input
 
 router = APIRouter()
@@ -23,7 +23,7 @@ router = APIRouter()
     openapi_extra=IMAGE_BODY,
 )
 async def remove_background(request: Request, params: Annotated[RemoveBackgroundParams, Query()],
-                            service: Annotated[StrataService, Depends(current_service)]) -> Response:
+                            service: CurrentService) -> Response:
     # The model name is checked before the upload is read: a bad name costs no transfer or fetch.
     service.model_name(params.model)
     data = await read_image_input(request, "image", service.config.limits, params.image_url,

@@ -1,11 +1,9 @@
 """Liveness (`/healthz`) and the models' state (`/v1/health`)."""
 
-from typing import Annotated
-
-from fastapi import APIRouter, Depends
+from fastapi import APIRouter
 
 from serve_app.schemas import Health
-from serve_app.service import StrataService, current_service
+from serve_app.service import CurrentService
 
 router = APIRouter()
 
@@ -16,5 +14,5 @@ async def healthz() -> dict[str, str]:
 
 
 @router.get("/v1/health", summary="Each model's engine, device and replicas", response_model=Health)
-async def health(service: Annotated[StrataService, Depends(current_service)]) -> Health:
+async def health(service: CurrentService) -> Health:
     return await service.health()

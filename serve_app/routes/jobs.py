@@ -12,12 +12,11 @@ from serve_app.access import request_owner
 from serve_app.layer_jobs import job_json
 from serve_app.openapi import IMAGE_BODY
 from serve_app.schemas import PROBLEM_RESPONSES, JobList, JobView, LayersParams
-from serve_app.service import StrataService, current_service
+from serve_app.service import CurrentService
 from serve_app.uploads import read_image_input
 
 JOB_ID_PATTERN = r"^[A-Za-z0-9_-]{16,64}$"
 JobId = Annotated[str, Path(pattern=JOB_ID_PATTERN)]
-Service = Annotated[StrataService, Depends(current_service)]
 # The caller's key id (None: no keys configured); every job operation is scoped to it.
 Owner = Annotated[str | None, Depends(request_owner)]
 
@@ -39,7 +38,7 @@ def _prefer_wait(prefer: str | None) -> float:
                **PROBLEM_RESPONSES},
     openapi_extra=IMAGE_BODY,
 )
-async def create_layers_job(request: Request, params: Annotated[LayersParams, Query()], service: Service,
+async def create_layers_job(request: Request, params: Annotated[LayersParams, Query()], service: CurrentService,
                             owner: Owner,
                             prefer: Annotated[str | None, Header(
                                 description="`wait=N`: answer 200 with the finished job if it ends within N s")] = None,
@@ -58,7 +57,7 @@ async def create_layers_job(request: Request, params: Annotated[LayersParams, Qu
 
 
 @router.get("/v1/jobs", summary="List jobs, newest first", response_model=JobList, responses=PROBLEM_RESPONSES)
-async def list_jobs(service: Service, owner: Owner,
+async def list_jobs(service: CurrentService, owner: Owner,
                     status: Annotated[Literal["queued", "running", "succeeded", "failed", "cancelled"] | None,
                                       Query(description="Only jobs in this state")] = None,
                     limit: Annotated[int, Query(ge=1, le=100)] = 20,
@@ -69,7 +68,7 @@ async def list_jobs(service: Service, owner: Owner,
 
 @router.get("/v1/jobs/{job_id}", summary="A job's state, progress and result", response_model=JobView,
             responses=PROBLEM_RESPONSES)
-async def get_job(job_id: JobId, service: Service, owner: Owner) -> JobView:
+async def get_job(job_id: JobId, service: CurrentService, owner: Owner) -> JobView:
     return JobView(**job_json(await service.job(job_id, owner=owner)))
 
 
@@ -77,7 +76,7 @@ async def get_job(job_id: JobId, service: Service, owner: Owner) -> JobView:
             response_class=EventSourceResponse,
             responses={200: {"description": "`status` events (the job) and `progress` events (per step)",
                              "content": {"text/event-stream": {}}}, **PROBLEM_RESPONSES})
-async def job_events(job_id: JobId, service: Service, owner: Owner):
+async def job_events(job_id: JobId, service: CurrentService, owner: Owner):
     await service.job(job_id, owner=owner)
 
     async def events():
@@ -91,7 +90,7 @@ async def job_events(job_id: JobId, service: Service, owner: Owner):
                status_code=204,
                responses={202: {"description": "Cancellation requested (the job)", "model": JobView},
                           204: {"description": "Deleted with its files"}, **PROBLEM_RESPONSES})
-async def delete_job(job_id: JobId, service: Service, owner: Owner) -> Response:
+async def delete_job(job_id: JobId, service: CurrentService, owner: Owner) -> Response:
     job = await service.cancel_or_delete(job_id, owner=owner)
     if job is None:
         return Response(status_code=204)
@@ -100,7 +99,7 @@ async def delete_job(job_id: JobId, service: Service, owner: Owner) -> Response:
 
 @router.get("/v1/jobs/{job_id}/layers/{index}.png", summary="One layer (1 = bottom), full canvas RGBA PNG",
             response_class=Response, responses={200: {"content": {"image/png": {}}}, **PROBLEM_RESPONSES})
-async def get_layer(job_id: JobId, index: Annotated[int, Path(ge=1, le=100)], service: Service,
+async def get_layer(job_id: JobId, index: Annotated[int, Path(ge=1, le=100)], service: CurrentService,
                     owner: Owner) -> Response:
     return Response(await service.layer_png(job_id, index, owner=owner), media_type="image/png")
 
@@ -112,14 +111,14 @@ def _attachment(data: bytes, media_type: str, filename: str) -> Response:
 
 @router.get("/v1/jobs/{job_id}/result.zip", summary="All layers as layer_01.png, ... plus manifest.json",
             response_class=Response, responses={200: {"content": {"application/zip": {}}}, **PROBLEM_RESPONSES})
-async def get_zip(job_id: JobId, service: Service, owner: Owner) -> Response:
+async def get_zip(job_id: JobId, service: CurrentService, owner: Owner) -> Response:
     return _attachment(await service.layers_zip(job_id, owner=owner), "application/zip", f"{job_id}.zip")
 
 
 @router.get("/v1/jobs/{job_id}/result.psd", summary="All layers as one PSD (named pixel layers, bottom first)",
             response_class=Response,
             responses={200: {"content": {"image/vnd.adobe.photoshop": {}}}, **PROBLEM_RESPONSES})
-async def get_psd(job_id: JobId, service: Service, owner: Owner) -> Response:
+async def get_psd(job_id: JobId, service: CurrentService, owner: Owner) -> Response:
     return _attachment(await service.layers_psd(job_id, owner=owner), "image/vnd.adobe.photoshop", f"{job_id}.psd")
 
 
@@ -129,11 +128,11 @@ PPTX_MEDIA_TYPE = "application/vnd.openxmlformats-officedocument.presentationml.
 @router.get("/v1/jobs/{job_id}/result.pptx",
             summary="All layers as one PowerPoint slide (full-canvas pictures, bottom first)",
             response_class=Response, responses={200: {"content": {PPTX_MEDIA_TYPE: {}}}, **PROBLEM_RESPONSES})
-async def get_pptx(job_id: JobId, service: Service, owner: Owner) -> Response:
+async def get_pptx(job_id: JobId, service: CurrentService, owner: Owner) -> Response:
     return _attachment(await service.layers_pptx(job_id, owner=owner), PPTX_MEDIA_TYPE, f"{job_id}.pptx")
 
 
 @router.get("/v1/jobs/{job_id}/manifest.json", summary="Layer order, names, sizes, boxes, params, timings",
             responses=PROBLEM_RESPONSES)
-async def get_manifest(job_id: JobId, service: Service, owner: Owner) -> Response:
+async def get_manifest(job_id: JobId, service: CurrentService, owner: Owner) -> Response:
     return Response(await service.manifest(job_id, owner=owner), media_type="application/json")

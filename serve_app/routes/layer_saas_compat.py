@@ -51,7 +51,7 @@ from serve_app.jobs import Job, JobStatus
 from serve_app.problems import ProblemError
 from serve_app.routes.detail_errors import DETAIL_RESPONSES, DetailErrorRoute, missing_field, validation_error
 from serve_app.schemas import LayersParams
-from serve_app.service import StrataService, current_service
+from serve_app.service import CurrentService
 from serve_app.uploads import read_form
 
 
@@ -61,7 +61,6 @@ class LayerSaasRoute(DetailErrorRoute):
 
 
 router = APIRouter(route_class=LayerSaasRoute, tags=["image-layer-saas compatible"], responses=DETAIL_RESPONSES)
-Service = Annotated[StrataService, Depends(current_service)]
 # Tasks belong to the API key that created them, as Strata's jobs do (serve_app/access.py).
 Owner = Annotated[str | None, Depends(request_owner)]
 
@@ -135,7 +134,7 @@ def _zip_response(data: bytes, filename: str) -> Response:
                        **{name: {"type": "string"} for name in DecomposeForm.model_fields}},
     }}}}},
 )
-async def decompose(request: Request, service: Service, owner: Owner) -> Response:
+async def decompose(request: Request, service: CurrentService, owner: Owner) -> Response:
     service.layer_model_name(None)  # a deployment without layer models says so before the upload
     form = await read_form(request, service.config.limits)
     upload = form.files.get("image")
@@ -192,14 +191,14 @@ def status_body(job: Job, request: Request) -> dict[str, Any]:
 
 
 @router.get("/api/status/{task_id}", name="layer_saas_status", summary="image-layer-saas: a task's state")
-async def task_status(task_id: str, request: Request, service: Service, owner: Owner) -> dict[str, Any]:
+async def task_status(task_id: str, request: Request, service: CurrentService, owner: Owner) -> dict[str, Any]:
     return status_body(await service.job(task_id, owner=owner), request)
 
 
 @router.get("/api/download/{task_id}", name="layer_saas_download", response_class=Response,
             summary="image-layer-saas: all layers as a ZIP",
             responses={200: {"content": {"application/zip": {}}}})
-async def download(task_id: str, service: Service, owner: Owner) -> Response:
+async def download(task_id: str, service: CurrentService, owner: Owner) -> Response:
     try:
         data = await service.layers_zip(task_id, owner=owner)
     except ProblemError as exc:
@@ -211,7 +210,7 @@ async def download(task_id: str, service: Service, owner: Owner) -> Response:
 
 @router.get("/api/layer/{task_id}/{layer_name}", name="layer_saas_layer", response_class=Response,
             summary="image-layer-saas: one layer PNG", responses={200: {"content": {"image/png": {}}}})
-async def layer(task_id: str, layer_name: str, service: Service, owner: Owner) -> Response:
+async def layer(task_id: str, layer_name: str, service: CurrentService, owner: Owner) -> Response:
     if PurePosixPath(layer_name).name != layer_name or not layer_name.lower().endswith(".png"):
         raise ProblemError(400, "Invalid layer", "Invalid layer file name")
     match = _LAYER_FILE.match(layer_name)
@@ -240,7 +239,7 @@ def gpu_report(models: list[Any]) -> dict[str, Any]:
 
 
 @router.get("/api/health", summary="image-layer-saas: the layer model and the GPU")
-async def health(service: Service) -> dict[str, Any]:
+async def health(service: CurrentService) -> dict[str, Any]:
     report = await service.health()
     name = service.config.default_layer_model
     layer_model = report.layer_models.get(name) if name else None

@@ -34,19 +34,17 @@ from __future__ import annotations
 
 from typing import Annotated
 
-import numpy as np
-from fastapi import APIRouter, Depends, Query, Request, Response
+from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.concurrency import run_in_threadpool
 
 from serve_app import imaging
 from serve_app.problems import ProblemError
 from serve_app.routes.detail_errors import DETAIL_RESPONSES, DetailErrorRoute, missing_field, validation_error
-from serve_app.service import Matte, StrataService, current_service
+from serve_app.service import CurrentService, Matte, StrataService
 from serve_app.uploads import read_form
 
 router = APIRouter(route_class=DetailErrorRoute, tags=["rembg compatible"], responses=DETAIL_RESPONSES)
-Service = Annotated[StrataService, Depends(current_service)]
 
 
 class RembgParams(BaseModel):
@@ -137,7 +135,7 @@ _PNG = {200: {"description": "The cutout (RGBA) or mask (with om=true), as PNG",
                        **{name: {"type": "string"} for name in ("model", "a", "af", "ab", "ae", "om", "ppm")}},
     }}}}},
 )
-async def remove_uploaded(request: Request, service: Service) -> Response:
+async def remove_uploaded(request: Request, service: CurrentService) -> Response:
     # A model named in the query is checked before the upload is read: a bad name costs no transfer.
     if "model" in request.query_params:
         _served_model(service, request.query_params["model"])
@@ -155,7 +153,7 @@ async def remove_uploaded(request: Request, service: Service) -> Response:
     response_class=Response,
     responses=_PNG,
 )
-async def remove_from_url(request: Request, service: Service,
+async def remove_from_url(request: Request, service: CurrentService,
                           url: Annotated[str, Query(description="URL of the image that has to be processed.")],
                           ) -> Response:
     params = _params(request)

@@ -47,11 +47,11 @@ import re
 import zipfile
 from collections.abc import Callable, Coroutine
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 from urllib.parse import parse_qsl
 
 import numpy as np
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from PIL import ImageColor
@@ -62,10 +62,8 @@ from serve_app import imaging
 from serve_app.config import UploadLimits
 from serve_app.problems import ProblemError
 from serve_app.schemas import error_responses
-from serve_app.service import Matte, StrataService, current_service
+from serve_app.service import CurrentService, Matte, StrataService
 from serve_app.uploads import is_multipart, read_body, read_form
-
-Service = Annotated[StrataService, Depends(current_service)]
 
 
 class RemoveBgError(Exception):
@@ -490,7 +488,7 @@ def _wants_json(request: Request) -> bool:
         "application/x-www-form-urlencoded": {"schema": {"type": "object"}},
     }}},
 )
-async def remove_background(request: Request, service: Service) -> Response:
+async def remove_background(request: Request, service: CurrentService) -> Response:
     fields = await read_request(request, service.config.limits)
     options = parse_options(fields.values)
     data = await _image_bytes(fields, service)

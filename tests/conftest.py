@@ -93,16 +93,20 @@ _deployed: list[dict] = []
 
 def deploy_config(config: dict) -> None:
     """Deploy a Serve config dict as `serve run`/`serve deploy` do; it replaces
-    whatever applications were deployed before. Redeploying the current one is a no-op."""
-    # Private client API: the same call `serve run CONFIG` makes in-process.
+    whatever applications were deployed before. Redeploying the current one is a no-op.
+    Returns when every application runs; raises as soon as one fails to deploy."""
+    # Private client API: the calls `serve run CONFIG` makes in-process. (Its blocking
+    # deploy waits for RUNNING only, so a failed deploy would take its whole 60 s.)
     from ray.serve.context import _get_global_client
     from ray.serve.schema import ServeDeploySchema
 
     if _deployed and _deployed[-1] == config:
         return
-    schema = ServeDeploySchema.model_validate(config)
-    _get_global_client().deploy_apps(schema, _blocking=True)
+    client = _get_global_client()
+    client.deploy_apps(ServeDeploySchema.model_validate(config))
     _deployed.append(copy.deepcopy(config))
+    for app in config["applications"]:
+        client._wait_for_application_running(app["name"], timeout_s=120)
 
 
 def tiny_config(tiny_models_dir: Path, data_dir: Path) -> dict:

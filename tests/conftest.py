@@ -88,6 +88,12 @@ def load_config(name: str) -> dict:
     return yaml.safe_load((ROOT / "configs" / name).read_text())
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Modules marked `own_deployment` deploy configs of their own: they run after the
+    others, which share the default app (one deploy, not one after each of those)."""
+    items.sort(key=lambda item: item.get_closest_marker("own_deployment") is not None)
+
+
 _deployed: list[dict] = []
 
 

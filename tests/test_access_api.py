@@ -17,6 +17,9 @@ from serve_app.jobs import JobStore
 from tests.conftest import deploy_config, tiny_config
 from tests.test_remove_background_api import assert_problem, red_disc_png
 
+# Deploys configs of its own: runs after the modules that share the default app (conftest).
+pytestmark = pytest.mark.own_deployment
+
 KEYS = {name: f"sk-{name}-{secrets.token_urlsafe(24)}" for name in ("alice", "bob", "dave", "erin", "frank")}
 RATE = 30  # per minute, per key
 ORIGIN = "https://app.example"

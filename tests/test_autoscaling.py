@@ -18,6 +18,9 @@ from ray import serve
 from tests.conftest import deploy_config, tiny_config
 from tests.test_remove_background_api import post_image, red_disc_png
 
+# Deploys configs of its own: runs after the modules that share the default app (conftest).
+pytestmark = pytest.mark.own_deployment
+
 MODEL = "classic"
 
 

@@ -26,6 +26,9 @@ from tests.test_layer_jobs_api import QWEN, submit, wait_for_end
 from tests.test_remove_background_api import post_image, red_disc_png
 from tests.test_serving import with_deployment
 
+# Deploys configs of its own: runs after the modules that share the default app (conftest).
+pytestmark = pytest.mark.own_deployment
+
 APP = "strata"
 # A caller that gets no answer within this has hung: the test fails. It is above
 # configs/test.yaml's model_timeout_s (60 s), the server's own bound on a model call.

@@ -5,11 +5,15 @@ from __future__ import annotations
 import time
 from urllib.parse import urlparse
 
+import pytest
 from ray import serve
 
 from tests import conftest
 from tests.test_layer_jobs_api import QWEN, submit, wait_for_end
 from tests.test_remove_background_api import red_disc_png
+
+# Deploys configs of its own: runs after the modules that share the default app (conftest).
+pytestmark = pytest.mark.own_deployment
 
 
 def restart_app(base_url: str, config: dict) -> None:

@@ -11,8 +11,13 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from tests.conftest import ROOT, deploy_config, tiny_config
 from tests.test_serving import with_deployment
+
+# Deploys configs of its own: runs after the modules that share the default app (conftest).
+pytestmark = pytest.mark.own_deployment
 
 SCRIPT = ROOT / "scripts" / "loadtest.py"
 

@@ -20,6 +20,9 @@ from deployments.metrics import BATCH_SIZE_BUCKETS, GAUGE_REFRESH_S, HeldGauges
 from tests.conftest import deploy_config, tiny_config
 from tests.test_remove_background_api import post_image, red_disc_png
 
+# Deploys configs of its own: runs after the modules that share the default app (conftest).
+pytestmark = pytest.mark.own_deployment
+
 QUEUE_BATCH = 8
 
 

@@ -22,6 +22,9 @@ from tests.conftest import ROOT, deploy_config, tiny_config
 from tests.test_layer_jobs_api import submit
 from tests.test_remove_background_api import red_disc_png
 
+# Deploys configs of its own: runs after the modules that share the default app (conftest).
+pytestmark = pytest.mark.own_deployment
+
 CANARY = f"canary-{secrets.token_hex(16)}".encode()
 IMAGE, _ = red_disc_png(160, 120)
 

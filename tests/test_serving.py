@@ -13,6 +13,9 @@ from ray import serve
 from tests.conftest import deploy_config, tiny_config
 from tests.test_remove_background_api import assert_problem, post_image, red_disc_png
 
+# Deploys configs of its own: runs after the modules that share the default app (conftest).
+pytestmark = pytest.mark.own_deployment
+
 
 def with_deployment(config: dict, name: str, **options) -> dict:
     config = copy.deepcopy(config)

@@ -73,8 +73,9 @@ def test_past_capacity_every_503_carries_retry_after_and_is_a_problem(strata, tm
     assert report["errors_not_problem_json"] == {}
 
 
-def test_past_the_ingress_queue_the_proxy_503s_carry_retry_after_too(strata, tmp_path, tiny_models_dir, data_dir):
-    # Two requests in the ingress and one waiting at the proxy: the proxy turns the rest away.
+def test_past_the_ingress_queue_the_503s_serve_answers_itself_carry_retry_after_too(strata, tmp_path, tiny_models_dir, data_dir):
+    # Two requests in the ingress and one queued for it: Serve turns the rest away itself
+    # (under the fast path, the ingress replica's own HTTP server; else the proxy actor).
     config = with_deployment(tiny_config(tiny_models_dir, data_dir), "Ingress", max_ongoing_requests=2,
                              max_queued_requests=1)
     deploy_config(with_deployment(config, "tiny", user_config={"max_batch_size": 1, "batch_wait_timeout_s": 0.5}))

@@ -62,6 +62,7 @@ class LocalCluster:
         self.gcs_address = f"{HOST}:{_free_port()}"
         self.dashboard_url = f"http://{HOST}:{_free_port()}"
         self.nodes: list[subprocess.Popen] = []
+        self.names: list[str] = []
 
     def start_node(self, name: str, *args: str) -> None:
         log = open(self.temp_root / f"{name}.log", "wb")
@@ -75,6 +76,7 @@ class LocalCluster:
              str(self.temp_root / name), "--object-store-memory", str(100 * 1024**2), *ports, *args],
             env={**self.env, **spare_serve_ports()}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
         log.close()
+        self.names.append(name)
 
     def start(self) -> None:
         dashboard_port = self.dashboard_url.rsplit(":", 1)[1]
@@ -82,12 +84,30 @@ class LocalCluster:
                         "--num-cpus", "2", "--resources", json.dumps({"strata_cpu_node": 100}),
                         "--include-dashboard", "true", "--dashboard-host", HOST,
                         "--dashboard-port", dashboard_port, "--ray-client-server-port", str(_free_port()))
-        wait_until(lambda: httpx.get(f"{self.dashboard_url}/api/version", timeout=5).is_success, 120,
-                   "the head node's dashboard answers")
+        self.wait_for_nodes(lambda: httpx.get(f"{self.dashboard_url}/api/version", timeout=5).is_success, 120,
+                            "the head node's dashboard answers")
         self.start_node("gpu", "--address", self.gcs_address, "--num-cpus", "2", "--num-gpus", "1",
                         "--resources", json.dumps({"gpu_node": 1}))
-        wait_until(lambda: len([n for n in self.ray_list("nodes") if n["state"] == "ALIVE"]) == 2, 120,
-                   "both nodes are alive")
+        self.wait_for_nodes(lambda: len([n for n in self.ray_list("nodes") if n["state"] == "ALIVE"]) == 2, 180,
+                            "both nodes are alive")
+
+    def wait_for_nodes(self, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
+        """`wait_until`, failing at once if a node's `ray start` exits, and with the end of
+        every node's log if the wait times out: a node that never came up says why."""
+        def running_and(condition_met: Callable[[], bool]) -> bool:
+            for name, node in zip(self.names, self.nodes):
+                if node.poll() is not None:
+                    pytest.fail(f"the {name} node's `ray start` exited with {node.returncode}:\n{self.log_tail(name)}")
+            return condition_met()
+
+        try:
+            wait_until(lambda: running_and(condition), timeout_s, what)
+        except AssertionError as exc:
+            logs = "\n".join(f"--- {name}.log\n{self.log_tail(name)}" for name in self.names)
+            raise AssertionError(f"{exc}\n{logs}") from None
+
+    def log_tail(self, name: str) -> str:
+        return (self.temp_root / f"{name}.log").read_text(errors="replace")[-3000:]
 
     def ray_list(self, kind: str) -> list[dict]:
         """`ray list <kind> --detail` of this cluster, as JSON."""

@@ -18,11 +18,11 @@ from collections.abc import Callable
 from typing import Annotated, Any
 
 import numpy as np
+from fastapi import Depends
 from ray import serve
 from ray.exceptions import RayActorError
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, RayServeException
 from ray.serve.handle import DeploymentHandle
-from fastapi import Depends
 from starlette.concurrency import run_in_threadpool
 
 from deployments.decomposition import layer_deployment_name
@@ -399,8 +399,8 @@ def current_service() -> StrataService:
 
 
 async def _current_service() -> StrataService:
-    # async: FastAPI runs a plain function dependency in its thread pool, a thread hop
-    # (~0.5 ms here) before every request's handler.
+    # async: FastAPI runs a plain-function dependency in its thread pool, a thread hop
+    # before every request's handler (docs/PERFORMANCE.md).
     return current_service()
 
 

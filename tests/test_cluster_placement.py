@@ -61,8 +61,7 @@ class LocalCluster:
                         RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="0")
         self.gcs_address = f"{HOST}:{_free_port()}"
         self.dashboard_url = f"http://{HOST}:{_free_port()}"
-        self.nodes: list[subprocess.Popen] = []
-        self.names: list[str] = []
+        self.nodes: dict[str, subprocess.Popen] = {}  # by name, in start order
 
     def start_node(self, name: str, *args: str) -> None:
         log = open(self.temp_root / f"{name}.log", "wb")
@@ -71,12 +70,11 @@ class LocalCluster:
                  "--dashboard-agent-listen-port", str(_free_port()),
                  "--dashboard-agent-grpc-port", str(_free_port()),
                  "--runtime-env-agent-port", str(_free_port())]
-        self.nodes.append(subprocess.Popen(
+        self.nodes[name] = subprocess.Popen(
             [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", "--temp-dir",
              str(self.temp_root / name), "--object-store-memory", str(100 * 1024**2), *ports, *args],
-            env={**self.env, **spare_serve_ports()}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True))
+            env={**self.env, **spare_serve_ports()}, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         log.close()
-        self.names.append(name)
 
     def start(self) -> None:
         dashboard_port = self.dashboard_url.rsplit(":", 1)[1]
@@ -94,16 +92,16 @@ class LocalCluster:
     def wait_for_nodes(self, condition: Callable[[], bool], timeout_s: float, what: str) -> None:
         """`wait_until`, failing at once if a node's `ray start` exits, and with the end of
         every node's log if the wait times out: a node that never came up says why."""
-        def running_and(condition_met: Callable[[], bool]) -> bool:
-            for name, node in zip(self.names, self.nodes):
+        def met_while_running() -> bool:
+            for name, node in self.nodes.items():
                 if node.poll() is not None:
                     pytest.fail(f"the {name} node's `ray start` exited with {node.returncode}:\n{self.log_tail(name)}")
-            return condition_met()
+            return condition()
 
         try:
-            wait_until(lambda: running_and(condition), timeout_s, what)
+            wait_until(met_while_running, timeout_s, what)
         except AssertionError as exc:
-            logs = "\n".join(f"--- {name}.log\n{self.log_tail(name)}" for name in self.names)
+            logs = "\n".join(f"--- {name}.log\n{self.log_tail(name)}" for name in self.nodes)
             raise AssertionError(f"{exc}\n{logs}") from None
 
     def log_tail(self, name: str) -> str:
@@ -136,7 +134,7 @@ class LocalCluster:
     def stop(self) -> None:
         """Stop the nodes, the GPU node first: SIGTERM makes `ray start --block` stop
         its node's processes (in seconds); past 30 s its whole group is killed."""
-        for node in reversed(self.nodes):
+        for node in reversed(self.nodes.values()):
             node.terminate()
             try:
                 node.wait(timeout=30)

@@ -1,4 +1,4 @@
-"""No accepted job is lost when the whole app stops and starts again."""
+"""No accepted job is lost when the whole app dies and is deployed again."""
 
 from __future__ import annotations
 
@@ -6,6 +6,7 @@ import time
 from urllib.parse import urlparse
 
 import pytest
+import ray
 from ray import serve
 
 from tests import conftest
@@ -16,15 +17,24 @@ from tests.test_remove_background_api import red_disc_png
 pytestmark = pytest.mark.own_deployment
 
 
-def restart_app(base_url: str, config: dict) -> None:
-    """Stop Serve (proxy, ingress, model replicas) and deploy the same config again."""
+def kill_and_restart_app(base_url: str, config: dict) -> None:
+    """Kill every replica of the app (a crash: nothing drains), stop Serve and deploy
+    the same config again.
+
+    Killed rather than stopped: a graceful stop keeps the ingress draining for up to
+    its graceful_shutdown_timeout_s, long enough for a short job to finish first.
+    """
+    for actor in ray.util.list_named_actors(all_namespaces=True):
+        # Serve names replica actors SERVE_REPLICA::<app>#<deployment>#<id>.
+        if actor["name"].startswith("SERVE_REPLICA::strata#"):
+            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
     serve.shutdown()
     serve.start(http_options={"host": "127.0.0.1", "port": urlparse(base_url).port})
     conftest._deployed.clear()
     conftest.deploy_config(config)
 
 
-def test_a_job_running_when_the_app_stops_finishes_after_a_restart(client, strata, tiny_models_dir, data_dir):
+def test_a_job_running_when_the_app_dies_finishes_after_a_restart(client, strata, tiny_models_dir, data_dir):
     rgb = red_disc_png(64, 48)[0]
     finished = submit(client, rgb, headers={"Prefer": "wait=60"}, model="classic", layers=2).json()
     assert finished["status"] == "succeeded"
@@ -34,7 +44,7 @@ def test_a_job_running_when_the_app_stops_finishes_after_a_restart(client, strat
         assert time.monotonic() < deadline, "the job did not start"
         time.sleep(0.1)
 
-    restart_app(strata, conftest.tiny_config(tiny_models_dir, data_dir))
+    kill_and_restart_app(strata, conftest.tiny_config(tiny_models_dir, data_dir))
 
     job = wait_for_end(client, running["id"], timeout_s=240)
     assert job["status"] == "succeeded", job["error"]

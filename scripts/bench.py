@@ -89,7 +89,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from serve_app import imaging  # noqa: E402
-from serve_app.run import MEMORY_ENV, SERVING_ENV, free_port, spare_serve_ports  # noqa: E402
+from serve_app.run import CPU_MODEL_MEMORY_ENV, MEMORY_ENV, SERVING_ENV, free_port, spare_serve_ports  # noqa: E402
 from serve_app.transport import BY_REFERENCE_ABOVE_BYTES  # noqa: E402
 
 MODEL_SIZE = (1024, 1024)
@@ -401,15 +401,16 @@ class Service:
     """An HTTP server the bench started as a subprocess on a loopback port."""
 
     def __init__(self, name: str, argv: list[str], port: int, ready_path: str, log_dir: Path,
-                 env: dict[str, str] | None = None):
+                 env: dict[str, str | None] | None = None):
         self.name = name
         self.argv = argv
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.ready_path = ready_path
         self.log_path = log_dir / f"{name}.log"
-        self.env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
-                    "HF_HUB_OFFLINE": "1", **(env or {})}
+        merged = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+                  "HF_HUB_OFFLINE": "1", **(env or {})}
+        self.env = {key: value for key, value in merged.items() if value is not None}  # None: unset
         self._process: subprocess.Popen | None = None
         self._log = None
 
@@ -468,7 +469,11 @@ def strata_service(settings: Settings, weights: Path, work: Path) -> Service:
                                    "user_config": {**tiny["user_config"], "max_batch_size": 16}})
     path = work / "strata-bench.yaml"
     path.write_text(yaml.safe_dump(config, sort_keys=False))
-    env = {"RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", **spare_serve_ports()}
+    # Strata's Ray under the memory settings of every process (MEMORY_ENV), not this
+    # process's CPU-model ones: its CPU model replicas get those from their runtime_env.
+    memory = {**{name: None for name in CPU_MODEL_MEMORY_ENV}, **MEMORY_ENV}
+    env = {"RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0",
+           **memory, **spare_serve_ports()}
     return Service("strata", [sys.executable, "-m", "serve_app.run", str(path)], port, "/v1/health",
                    work / "logs", env)
 
@@ -993,7 +998,9 @@ def environment() -> dict:
         "fpng": importlib.metadata.version("fpng"),
         "torch": torch.__version__,
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
-        "memory_env": {name: os.environ.get(name) for name in MEMORY_ENV},
+        "memory_env": dict(MEMORY_ENV),  # Strata's Ray processes
+        # Strata's CPU model replicas, and this process and the baselines, which run the engine too.
+        "cpu_model_memory_env": {name: os.environ.get(name) for name in {**MEMORY_ENV, **CPU_MODEL_MEMORY_ENV}},
         "transparent_hugepage": _sysfs("/sys/kernel/mm/transparent_hugepage/enabled"),
     }
 
@@ -1049,9 +1056,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    # The in-process references and the baselines run under the memory settings Strata's
-    # Ray runs under (glibc reads them when a process starts, hence the restart): what is
-    # compared is serving, not allocators.
-    if any(name not in os.environ for name in MEMORY_ENV):
-        os.execve(sys.executable, [sys.executable, *sys.argv], {**MEMORY_ENV, **os.environ})
+    # The in-process references and the baselines run the engine under the memory settings
+    # Strata's CPU model replicas run it under (glibc reads them when a process starts,
+    # hence the restart): what is compared is serving, not allocators.
+    engine_env = {**MEMORY_ENV, **CPU_MODEL_MEMORY_ENV}
+    if any(os.environ.get(name) != value for name, value in engine_env.items()):
+        os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **engine_env})
     raise SystemExit(main())

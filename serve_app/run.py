@@ -58,6 +58,19 @@ MEMORY_ENV = {
     "THP_MEM_ALLOC_ENABLE": "1",
 }
 
+# On top of MEMORY_ENV, for model replicas that run their engine on CPU; serve_app.app
+# sets it on them (their runtime_env), so it holds on any Ray. A CPU engine's largest
+# buffers (over 32 MiB at 1024², the most glibc's mmap threshold can be) otherwise come
+# fresh from the kernel on every call, as does everything the engine's worker thread
+# allocates in its own arena's small heaps: ~550 page faults and ~10 ms of CPU per call
+# of the tiny BiRefNet at 1024² (docs/PERFORMANCE.md). The price: such a replica keeps
+# the memory of its largest batch, as PyTorch's CUDA allocator keeps GPU memory.
+CPU_MODEL_MEMORY_ENV = {
+    "MALLOC_ARENA_MAX": "1",  # every thread allocates in the main heap, which grows in place
+    "MALLOC_MMAP_MAX_": "0",  # no buffer is mapped afresh: all come from that heap
+    "MALLOC_TRIM_THRESHOLD_": str(1 << 40),  # which keeps what it grew to
+}
+
 # What `python -m serve_app.run` (and so `make run`), the image and a VM cluster's nodes run Ray under.
 SERVING_ENV = {**FAST_PATH_ENV, **MEMORY_ENV}
 

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from serve_app.run import MEMORY_ENV, SERVING_ENV, spare_serve_ports
+from serve_app.run import CPU_MODEL_MEMORY_ENV, MEMORY_ENV, SERVING_ENV, spare_serve_ports
 from tests.conftest import ROOT, _free_port, load_config
 from tests.images import product_photo
 from tests.test_remove_background_api import jpeg_bytes
@@ -81,9 +81,15 @@ def test_make_run_serves_local_yaml_through_haproxy_and_stops_cleanly(tmp_path, 
         listeners = {c.pid for c in psutil.net_connections("tcp")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
         assert {p.name() for p in ray_processes if p.pid in listeners} == {"haproxy"}
-        # ... and the replicas run under its memory settings (read when a process starts).
-        replicas = [p for p in ray_processes if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::ServeReplica")]
-        assert replicas and all(MEMORY_ENV.items() <= p.environ().items() for p in replicas)
+        # ... and the replicas run under its memory settings (read when a process starts),
+        # the background-removal ones (on CPU here) under their own on top (serve_app.app).
+        segmenters = set(config["applications"][0]["args"]["segmentation"])
+        replicas = [(p.cmdline()[0].strip().rsplit(":", 1)[1], p) for p in ray_processes
+                    if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::ServeReplica")]
+        assert {deployment for deployment, _ in replicas} >= segmenters | {"Ingress"}
+        for deployment, replica in replicas:
+            expected = {**MEMORY_ENV, **CPU_MODEL_MEMORY_ENV} if deployment in segmenters else MEMORY_ENV
+            assert expected.items() <= replica.environ().items(), deployment
         stop(process)
         assert process.wait(timeout=60) == 0
         _, alive = psutil.wait_procs(ray_processes, timeout=30)

@@ -121,10 +121,10 @@ class Settings:
 
 QUICK = Settings("quick", cpu_cases=((1024, 1024),), cpu_reps=3, photo_side=512, model_side=1024,
                  warmup_s=1.0, measure_s=4.0, open_s=4.0, drain_s=8.0, concurrencies=(1, 8, 32),
-                 batch_sizes=(8,), engine_batches=(1, 2, 4, 8), overhead_rounds=25, layer_jobs=3, layer_side=512)
+                 batch_sizes=(8,), engine_batches=(1, 2, 4, 8), overhead_rounds=60, layer_jobs=3, layer_side=512)
 FULL = Settings("full", cpu_cases=((1024, 1024), (2048, 1536)), cpu_reps=11, photo_side=1024, model_side=1024,
                 warmup_s=3.0, measure_s=20.0, open_s=20.0, drain_s=30.0, concurrencies=(1, 8, 32),
-                batch_sizes=(8, 16), engine_batches=(1, 2, 4, 8, 16), overhead_rounds=40, layer_jobs=10,
+                batch_sizes=(8, 16), engine_batches=(1, 2, 4, 8, 16), overhead_rounds=100, layer_jobs=10,
                 layer_side=1024)
 
 # --------------------------------------------------------------------------- test data
@@ -593,6 +593,36 @@ async def open_loop(url: str, photo: bytes, rate: float, duration_s: float, drai
     return summary
 
 
+def _busy_cpu_seconds() -> tuple[float, float] | None:
+    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat (Linux)."""
+    try:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except OSError:
+        return None
+    tick = os.sysconf("SC_CLK_TCK")
+    idle = fields[3] + fields[4]  # idle, iowait
+    return (sum(fields[:8]) - idle) / tick, sum(fields[:8]) / tick
+
+
+def wait_until_quiet(timeout_s: float, window_s: float = 0.3, max_busy_cores: float = 0.3) -> float:
+    """Wait until the machine's CPUs are quiet; returns the seconds waited.
+
+    A server still working through requests whose callers gave up (an open loop's
+    unfinished arrivals: nothing cancels them on the server) would slow whatever is
+    measured next."""
+    started = time.perf_counter()
+    while time.perf_counter() - started < timeout_s:
+        before = _busy_cpu_seconds()
+        if before is None:
+            return 0.0  # not Linux: nothing to read
+        time.sleep(window_s)  # the window the CPU use is measured over
+        after = _busy_cpu_seconds()
+        if (after[0] - before[0]) / window_s <= max_busy_cores:
+            return time.perf_counter() - started
+    print(f"  (the machine was still busy after {timeout_s:.0f} s; measuring anyway)")
+    return time.perf_counter() - started
+
+
 def _summary(samples: list[Sample], window: tuple[float, float], head: dict) -> dict:
     """Throughput over the window; latencies of the requests due in it (answered at any time)."""
     measured = [s for s in samples if window[0] <= s.due < window[1]]
@@ -781,6 +811,7 @@ def _measure_serving(settings: Settings, photo: bytes, urls: dict[str, str], str
         for system in ("strata", "baseline"):
             http.append({"system": system, **run(open_loop(urls[system], photo, rate, settings.open_s,
                                                            settings.drain_s))})
+            http[-1]["quiet_after_s"] = wait_until_quiet(timeout_s=300)
     _print_http(http)
 
     floors = {name: run(_empty_route_p50(url.split("/v1/")[0] + "/healthz"))
@@ -827,7 +858,11 @@ async def _interleaved(work: Callable[[], bytes], urls: dict[str, str], photo: b
                         steps.setdefault(step, []).append(ms)
                     own_work = sum(sample.server_timing[step] for step in ("decode", "engine", "render"))
                     beyond_work.append(times[name][-1] - own_work)
+    # Each round's Strata latency minus its in-process time, taken a few ms apart: what
+    # slows the machine for a while (other tenants of a VM) slows both and cancels out.
+    paired = [strata - inprocess for strata, inprocess in zip(times["strata"], times["in-process"])]
     return {"p50_ms": {name: statistics.median(t) for name, t in times.items()},
+            "strata_overhead_paired_p50_ms": statistics.median(paired),
             "strata_processing_p50_ms": statistics.median(processing),
             "strata_steps_p50_ms": {step: statistics.median(t) for step, t in steps.items()},
             "strata_beyond_own_work_p50_ms": statistics.median(beyond_work)}
@@ -850,6 +885,7 @@ def _serving_overhead(settings: Settings, photo: bytes, urls: dict[str, str], fl
         "engine_ms": engine_ms,
         "strata_p50_ms": p50["strata"],
         "strata_overhead_p50_ms": p50["strata"] - inprocess,
+        "strata_overhead_paired_p50_ms": turns["strata_overhead_paired_p50_ms"],
         # X-Processing-Ms is the ingress's own time (handler start to response): what lies
         # outside it is the HTTP hop (HAProxy, the replica's HTTP server); what lies inside
         # beyond the work, the model call through Ray, batching's wait and the thread-pool hops.
@@ -860,9 +896,9 @@ def _serving_overhead(settings: Settings, photo: bytes, urls: dict[str, str], fl
         # time within it) and render; the rest is routing, reading the body and thread hops.
         "strata_steps_p50_ms": turns["strata_steps_p50_ms"],
         # The same overhead measured against the work where Strata did it (decode, engine,
-        # render per Server-Timing), not against the bench's own process: an engine runs
-        # at different speeds in different processes here (tens of %), which the
-        # in-process difference counts as overhead.
+        # render per Server-Timing), not against the bench's own process: an engine can
+        # run at different speeds in different processes, which the in-process
+        # difference counts as overhead.
         "strata_beyond_own_work_p50_ms": turns["strata_beyond_own_work_p50_ms"],
         "baseline_fast_p50_ms": p50["baseline-fast"],
         "baseline_fast_overhead_p50_ms": p50["baseline-fast"] - inprocess,
@@ -878,6 +914,8 @@ def _serving_overhead(settings: Settings, photo: bytes, urls: dict[str, str], fl
     print(f"    its parts (p50 of each, Server-Timing): decode {steps['decode']:.1f}, model call {steps['model']:.1f} "
           f"(engine {steps['engine']:.1f} + {steps['model'] - steps['engine']:.1f} to the replica and back), "
           f"render {steps['render']:.1f}, rest of the ingress {rest:.1f}, HTTP hop {result['strata_http_hop_ms']:.1f}")
+    print(f"    the same overhead round by round (median of each round's Strata minus in-process): "
+          f"{result['strata_overhead_paired_p50_ms']:.1f} ms")
     print(f"    latency beyond the work as Strata's own processes timed it (decode, engine, render), p50: "
           f"{result['strata_beyond_own_work_p50_ms']:.1f} ms")
     print(f"  baseline-fast (uvicorn)   p50 {p50['baseline-fast']:7.1f} ms   overhead "
@@ -913,6 +951,10 @@ def _print_http(http: list[dict]) -> None:
         batch = f"{r['mean_batch_size']:.2f}" if r["mean_batch_size"] else "-"
         print(f"  {r['system']:<15}{load:<12}{r['throughput_rps']:>8.1f}{r['p50_ms']:>9.1f}{r['p95_ms']:>9.1f}"
               f"{r['p99_ms']:>9.1f}{r['errors']:>8}{batch:>12}")
+    waits = [r for r in http if r.get("quiet_after_s", 0) >= 1]
+    if waits:
+        print("  after its open loop the machine was busy for (the server finishing requests its callers gave up): "
+              + ", ".join(f"{r['system']} at {r['rate_rps']:g}/s {r['quiet_after_s']:.0f} s" for r in waits))
 
 # --------------------------------------------------------------------------- transport (on request)
 

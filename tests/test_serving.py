@@ -5,7 +5,9 @@ of a model replica on CPU."""
 from __future__ import annotations
 
 import copy
+import time
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import httpx
 import psutil
@@ -94,9 +96,21 @@ def test_unavailable_weights_without_fallback_fail_at_startup_with_the_reason(se
     assert "missing" in status.deployments["tiny"].message
 
 
+def replica_process(deployment: str) -> psutil.Process:
+    """The deployment's one replica process, once any replica it replaced has exited."""
+    deadline = time.monotonic() + 60
+    while True:
+        found = [p for p in psutil.process_iter(["cmdline"])
+                 if (p.info["cmdline"] or [""])[0].strip() == f"ray::ServeReplica:strata:{deployment}"]
+        if len(found) == 1:
+            return found[0]
+        assert time.monotonic() < deadline, f"{len(found)} replica processes of {deployment}"
+        time.sleep(0.2)
+
+
 def minor_page_faults(process: psutil.Process) -> int:
     """Pages the kernel has handed the process fresh (minflt of /proc/PID/stat)."""
-    fields = open(f"/proc/{process.pid}/stat").read().rsplit(")", 1)[1].split()
+    fields = Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()
     return int(fields[7])
 
 
@@ -106,8 +120,7 @@ def test_a_model_replica_on_cpu_reuses_its_memory_from_call_to_call(client, tiny
     config = tiny_config(tiny_models_dir, data_dir)
     config["applications"][0]["args"]["segmentation"]["tiny"]["input_size"] = 1024
     deploy_config(config)
-    (replica,) = [p for p in psutil.process_iter(["cmdline"])
-                  if (p.info["cmdline"] or [""])[0].strip() == "ray::ServeReplica:strata:tiny"]
+    replica = replica_process("tiny")
     data, _ = red_disc_png()
     for _ in range(3):  # its heap grows to what a call needs
         assert post_image(client, data, model="tiny").status_code == 200

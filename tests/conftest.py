@@ -7,6 +7,8 @@ import copy
 import importlib.util
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 from serve_app.run import SERVING_ENV, free_port, spare_serve_ports
@@ -86,6 +88,18 @@ def metrics_url(serve_instance) -> str:
 def load_config(name: str) -> dict:
     """A config file of configs/, as a dict."""
     return yaml.safe_load((ROOT / "configs" / name).read_text())
+
+
+def wait_until(condition: Callable[[], object], timeout_s: float, what: str):
+    """Poll `condition` until it returns something truthy, and return that; fail after `timeout_s`."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        value = condition()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {timeout_s} s")
+        time.sleep(0.2)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import copy
 import threading
-import time
-from collections.abc import Callable
 
 import httpx
 import pytest
 from ray import serve
 
-from tests.conftest import deploy_config, tiny_config
+from tests.conftest import deploy_config, tiny_config, wait_until
 from tests.test_remove_background_api import post_image, red_disc_png
 
 # Deploys configs of its own: runs after the modules that share the default app (conftest).
@@ -44,13 +42,6 @@ def autoscaled_config(tiny_models_dir, data_dir) -> dict:
 def running_replicas() -> int:
     status = serve.status().applications["strata"].deployments[MODEL]
     return status.replica_states.get("RUNNING", 0)
-
-
-def wait_until(condition: Callable[[], bool], timeout_s: float, what: str) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, f"timed out waiting until {what}"
-        time.sleep(0.5)
 
 
 @pytest.fixture

@@ -21,7 +21,7 @@ import ray
 from ray import serve
 
 from tests import conftest
-from tests.conftest import deploy_config, tiny_config
+from tests.conftest import deploy_config, tiny_config, wait_until
 from tests.test_layer_jobs_api import QWEN, submit, wait_for_end
 from tests.test_remove_background_api import post_image, red_disc_png
 from tests.test_serving import with_deployment
@@ -34,18 +34,6 @@ APP = "strata"
 # configs/test.yaml's model_timeout_s (60 s), the server's own bound on a model call.
 CALLER_TIMEOUT_S = 90
 RECOVERY_TIMEOUT_S = 120
-
-
-def wait_until(condition, timeout_s: float, what: str):
-    """Poll `condition` until it returns something truthy; fail after `timeout_s`."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"{what} did not happen within {timeout_s} s")
-        time.sleep(0.2)
 
 
 def replica_ids(deployment: str) -> set[str]:

@@ -5,7 +5,6 @@ of a model replica on CPU."""
 from __future__ import annotations
 
 import copy
-import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -14,7 +13,7 @@ import psutil
 import pytest
 from ray import serve
 
-from tests.conftest import deploy_config, tiny_config
+from tests.conftest import deploy_config, tiny_config, wait_until
 from tests.test_remove_background_api import assert_problem, post_image, red_disc_png
 
 # Deploys configs of its own: runs after the modules that share the default app (conftest).
@@ -98,14 +97,12 @@ def test_unavailable_weights_without_fallback_fail_at_startup_with_the_reason(se
 
 def replica_process(deployment: str) -> psutil.Process:
     """The deployment's one replica process, once any replica it replaced has exited."""
-    deadline = time.monotonic() + 60
-    while True:
+    def only_one() -> list[psutil.Process]:
         found = [p for p in psutil.process_iter(["cmdline"])
                  if (p.info["cmdline"] or [""])[0].strip() == f"ray::ServeReplica:strata:{deployment}"]
-        if len(found) == 1:
-            return found[0]
-        assert time.monotonic() < deadline, f"{len(found)} replica processes of {deployment}"
-        time.sleep(0.2)
+        return found if len(found) == 1 else []
+
+    return wait_until(only_one, 60, f"one replica process of {deployment}")[0]
 
 
 def minor_page_faults(process: psutil.Process) -> int:

@@ -6,10 +6,10 @@ import time
 from urllib.parse import urlparse
 
 import pytest
-import ray
 from ray import serve
 
 from tests import conftest
+from tests.test_faults import APP, kill_replica
 from tests.test_layer_jobs_api import QWEN, submit, wait_for_end
 from tests.test_remove_background_api import red_disc_png
 
@@ -24,10 +24,8 @@ def kill_and_restart_app(base_url: str, config: dict) -> None:
     Killed rather than stopped: a graceful stop keeps the ingress draining for up to
     its graceful_shutdown_timeout_s, long enough for a short job to finish first.
     """
-    for actor in ray.util.list_named_actors(all_namespaces=True):
-        # Serve names replica actors SERVE_REPLICA::<app>#<deployment>#<id>.
-        if actor["name"].startswith("SERVE_REPLICA::strata#"):
-            ray.kill(ray.get_actor(actor["name"], namespace=actor["namespace"]), no_restart=True)
+    for deployment in serve.status().applications[APP].deployments:
+        kill_replica(deployment)
     serve.shutdown()
     serve.start(http_options={"host": "127.0.0.1", "port": urlparse(base_url).port})
     conftest._deployed.clear()

@@ -593,15 +593,14 @@ async def open_loop(url: str, photo: bytes, rate: float, duration_s: float, drai
     return summary
 
 
-def _busy_cpu_seconds() -> tuple[float, float] | None:
-    """(busy, total) CPU seconds of the whole machine since boot, from /proc/stat (Linux)."""
+def _busy_cpu_seconds() -> float | None:
+    """CPU seconds the whole machine spent busy since boot, from /proc/stat (Linux)."""
     try:
         fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except OSError:
         return None
-    tick = os.sysconf("SC_CLK_TCK")
-    idle = fields[3] + fields[4]  # idle, iowait
-    return (sum(fields[:8]) - idle) / tick, sum(fields[:8]) / tick
+    busy = sum(fields[:8]) - fields[3] - fields[4]  # all but idle and iowait
+    return busy / os.sysconf("SC_CLK_TCK")
 
 
 def wait_until_quiet(timeout_s: float, window_s: float = 0.3, max_busy_cores: float = 0.3) -> float:
@@ -617,7 +616,7 @@ def wait_until_quiet(timeout_s: float, window_s: float = 0.3, max_busy_cores: fl
             return 0.0  # not Linux: nothing to read
         time.sleep(window_s)  # the window the CPU use is measured over
         after = _busy_cpu_seconds()
-        if (after[0] - before[0]) / window_s <= max_busy_cores:
+        if (after - before) / window_s <= max_busy_cores:
             return time.perf_counter() - started
     print(f"  (the machine was still busy after {timeout_s:.0f} s; measuring anyway)")
     return time.perf_counter() - started

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import io
 import string
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Literal
 
@@ -46,6 +47,7 @@ __all__ = [
     "encode_jpeg",
     "encode_png",
     "encode_webp",
+    "image_size",
     "model_input_size",
     "parse_hex_color",
     "post_process_mask",
@@ -241,13 +243,42 @@ def decode_image(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> DecodedIm
     Raises :class:`ImageRejected` for everything the client got wrong; any other
     exception would be a bug (or MemoryError, which is the server's problem).
     """
+    fmt = _accepted_format(data)
+    with _rejecting(fmt, limits):
+        return _decode(data, fmt, limits)
+
+
+def image_size(data: bytes, limits: ImageLimits = DEFAULT_LIMITS) -> tuple[int, int]:
+    """The upright (width, height) of uploaded bytes, from the header alone (tens of
+    microseconds), within ``limits``.
+
+    Raises :class:`ImageRejected` as :func:`decode_image` does for what a header
+    shows (not an image, an unreadable header, too many pixels, too small); a file
+    whose header passes may still fail to decode.
+    """
+    fmt = _accepted_format(data)
+    with _rejecting(fmt, limits), _PIL_CLASSES[fmt](io.BytesIO(data)) as im:
+        width, height = im.size
+        _check_limits(width, height, limits)
+        # EXIF orientations 5-8 turn the image a quarter.
+        return (height, width) if _orientation(im) >= 5 else (width, height)
+
+
+def _accepted_format(data: bytes) -> str:
+    """The accepted format ``data`` is, or :class:`ImageRejected` (empty, or another format)."""
     if not data:
         raise ImageRejected(400, "Empty upload", "the upload is empty (0 bytes)", "image-empty")
     fmt = _sniff(data)
     if fmt is None:
         raise _unsupported(_name_other_format(data))
+    return fmt
+
+
+@contextmanager
+def _rejecting(fmt: str, limits: ImageLimits) -> Iterator[None]:
+    """The decoding boundary: every decoder failure becomes an :class:`ImageRejected`."""
     try:
-        return _decode(data, fmt, limits)
+        yield
     except (ImageRejected, MemoryError):
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

@@ -32,6 +32,7 @@ from deployments.segmentation import Segmentation
 from serve_app import exports, imaging
 from serve_app.access import AccessControl
 from serve_app.config import AppConfig
+from serve_app.cpu_steps import CpuSteps
 from serve_app.jobs import Job, JobStatus, JobStore, QueueFull, new_job_id
 from serve_app.layer_jobs import KIND, LayerJobRunner, input_key, layer_key, manifest_key
 from serve_app.problems import ProblemError
@@ -84,6 +85,11 @@ class Matte:
     def elapsed_ms(self) -> float:
         return _ms_since(self.started)
 
+    @property
+    def pixels(self) -> int:
+        """The image's pixel count: what its render costs (`CpuSteps.run`)."""
+        return self.image.width * self.image.height
+
 
 def _ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1000
@@ -123,6 +129,7 @@ class StrataService:
         self.jobs = jobs
         self._limits = imaging.ImageLimits(max_pixels=config.limits.max_pixels, min_side=config.limits.min_side)
         self._engine_infos: dict[str, EngineInfo] = {}
+        self.cpu_steps = CpuSteps()
         self.request_metrics = RequestMetrics()
         urls = config.url_inputs
         self._url_fetcher = UrlFetcher(max_bytes=config.url_max_bytes, timeout_s=urls.timeout_s,
@@ -153,6 +160,13 @@ class StrataService:
         except imaging.ImageRejected as exc:
             raise ProblemError(exc.status, exc.title, exc.detail, slug=exc.code) from exc
 
+    def image_size(self, data: bytes) -> tuple[int, int]:
+        """The upload's upright (width, height) from its header, within the configured limits, or a 4xx."""
+        try:
+            return imaging.image_size(data, self._limits)
+        except imaging.ImageRejected as exc:
+            raise ProblemError(exc.status, exc.title, exc.detail, slug=exc.code) from exc
+
     async def fetch_image_url(self, url: str) -> bytes:
         """The bytes at `url`, fetched within the `url_inputs` limits from public addresses
         only (see serve_app/url_inputs.py), or a 4xx."""
@@ -164,28 +178,32 @@ class StrataService:
     async def remove_background(self, data: bytes, params: RemoveBackgroundParams) -> Cutout:
         """Decode `data`, segment it with the requested model and render the answer."""
         bg_color = imaging.parse_hex_color(params.bg_color) if params.bg_color else None
-        matte = await self.matte(data, self.model_name(params.model))
-        render_started = time.perf_counter()
-        rendered = await run_in_threadpool(
-            imaging.render_cutout, matte.image, matte.alpha, output=params.output, format=params.format,
-            bg_color=bg_color, crop=params.crop, refine_foreground=params.refine_foreground,
-        )
+        with self.cpu_steps.request():
+            matte = await self.matte(data, self.model_name(params.model))
+            render_started = time.perf_counter()
+            rendered = await self.cpu_steps.run(
+                matte.pixels, imaging.render_cutout, matte.image, matte.alpha, output=params.output,
+                format=params.format, bg_color=bg_color, crop=params.crop, refine_foreground=params.refine_foreground,
+            )
         timing = replace(matte.timing, render_ms=_ms_since(render_started))
         return Cutout(rendered, matte.model, matte.engine, matte.batch_size, matte.elapsed_ms(), timing)
 
     async def matte(self, data: bytes, model: str, *, max_pixels: int | None = None) -> Matte:
         """Decode `data` (shrunk to at most `max_pixels` when given) and segment it with
-        the served model `model`: the image and its alpha, ready to render."""
+        the served model `model`: the image and its alpha, ready to render. Its CPU steps
+        run where `cpu_steps` says: the caller counts the request in `cpu_steps.request()`."""
         started = time.perf_counter()
-        image = await run_in_threadpool(self.decode, data)
+        width, height = self.image_size(data)
+        image = await self.cpu_steps.run(width * height, self.decode, data)
         input_size = (image.width, image.height)
         if max_pixels is not None:
-            image = await run_in_threadpool(imaging.downscale_to_pixels, image, max_pixels)
+            image = await self.cpu_steps.run(width * height, imaging.downscale_to_pixels, image, max_pixels)
         decode_ms = _ms_since(started)
         model_started = time.perf_counter()
         full_mask, result = await self.alpha_mask(model, image)
         timing = ServerTiming(decode_ms=decode_ms, model_ms=_ms_since(model_started), engine_ms=result.engine_ms)
-        alpha = full_mask if image.alpha is None else await run_in_threadpool(np.minimum, full_mask, image.alpha)
+        alpha = (full_mask if image.alpha is None
+                 else await self.cpu_steps.run(full_mask.size, np.minimum, full_mask, image.alpha))
         return Matte(image, alpha, input_size, model, result.engine, result.batch_size, started, timing)
 
     async def alpha_mask(self, model: str, image: imaging.DecodedImage) -> tuple[np.ndarray, Segmentation]:
@@ -197,11 +215,12 @@ class StrataService:
         image_size = (image.width, image.height)
         size = imaging.model_input_size(*image_size, info.input_size, info.max_side)
         # An image already the size to send skips the resize and its thread hop; its mask, the way back.
+        pixels = image.width * image.height
         model_input = (image.rgb if size == image_size
-                       else await run_in_threadpool(imaging.resize_image, image.rgb, size))
+                       else await self.cpu_steps.run(pixels, imaging.resize_image, image.rgb, size))
         result = await self._model_call(model, for_payload(handle, model_input.nbytes).segment.remote(model_input))
         full_mask = (result.mask if result.mask.shape[::-1] == image_size
-                     else await run_in_threadpool(imaging.resize_mask, result.mask, image_size))
+                     else await self.cpu_steps.run(pixels, imaging.resize_mask, result.mask, image_size))
         return full_mask, result
 
     def model_name(self, requested: str | None) -> str:

@@ -36,7 +36,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
-from starlette.concurrency import run_in_threadpool
 
 from serve_app import imaging
 from serve_app.problems import ProblemError
@@ -115,8 +114,9 @@ def _rgba(bgc: tuple[int, ...] | None) -> tuple[int, int, int, int] | None:
 
 
 async def _remove(service: StrataService, data: bytes, params: RembgParams, model: str) -> Response:
-    matte = await service.matte(data, model)
-    png = await run_in_threadpool(_render, matte, params)
+    with service.cpu_steps.request():
+        matte = await service.matte(data, model)
+        png = await service.cpu_steps.run(matte.pixels, _render, matte, params)
     service.request_metrics.observe("/api/remove", matte.model, matte.elapsed_ms() / 1000)
     return Response(png, media_type="image/png", headers={"X-Model": matte.model, "X-Engine": matte.engine})
 

@@ -492,8 +492,9 @@ async def remove_background(request: Request, service: CurrentService) -> Respon
     fields = await read_request(request, service.config.limits)
     options = parse_options(fields.values)
     data = await _image_bytes(fields, service)
-    matte = await service.matte(data, service.config.default_model, max_pixels=options.max_pixels)
-    result = await run_in_threadpool(render, matte, options)
+    with service.cpu_steps.request():
+        matte = await service.matte(data, service.config.default_model, max_pixels=options.max_pixels)
+        result = await service.cpu_steps.run(matte.pixels, render, matte, options)
     service.request_metrics.observe("/v1.0/removebg", matte.model, matte.elapsed_ms() / 1000)
     top, left, fg_width, fg_height = result.foreground
     headers = {

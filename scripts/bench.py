@@ -22,8 +22,9 @@ docs/PERFORMANCE.md explains every figure; in short:
     local Ray with configs/bench.yaml) and two single-process FastAPI + uvicorn apps
     of scripts/baseline_app.py around the same engine: ``baseline`` (seed-style:
     Pillow decode, engine under a lock, Pillow PNG encode) and ``baseline-fast``
-    (the same app with Strata's own CPU path). Then, all up at once and measured
-    one after the other per setting:
+    (the same app with Strata's own CPU path). Then, all up at once, each first
+    warmed by a burst at concurrency 32 (Strata: on each model it serves), and
+    measured one after the other per setting:
 
     * HTTP: ``POST /v1/remove-background`` of one photo, closed-loop at
       concurrency 1, 8, 32 (each client sends its next request when the last one
@@ -108,6 +109,7 @@ class Settings:
     photo_side: int  # the HTTP benchmarks' square photo
     model_side: int  # the tiny BiRefNet's input size (the real BiRefNet's: 1024)
     warmup_s: float  # closed loop: requests before this are not measured
+    first_burst_s: float  # each server's first burst at the top concurrency, before anything is measured
     measure_s: float  # closed loop: the measured window
     open_s: float  # open loop: arrivals are scheduled over this long
     drain_s: float  # longest wait for the last answers after a run
@@ -120,10 +122,10 @@ class Settings:
 
 
 QUICK = Settings("quick", cpu_cases=((1024, 1024),), cpu_reps=3, photo_side=512, model_side=1024,
-                 warmup_s=1.0, measure_s=4.0, open_s=4.0, drain_s=8.0, concurrencies=(1, 8, 32),
+                 warmup_s=1.0, first_burst_s=3.0, measure_s=4.0, open_s=4.0, drain_s=8.0, concurrencies=(1, 8, 32),
                  batch_sizes=(8,), engine_batches=(1, 2, 4, 8), overhead_rounds=60, layer_jobs=3, layer_side=512)
 FULL = Settings("full", cpu_cases=((1024, 1024), (2048, 1536)), cpu_reps=11, photo_side=1024, model_side=1024,
-                warmup_s=3.0, measure_s=20.0, open_s=20.0, drain_s=30.0, concurrencies=(1, 8, 32),
+                warmup_s=3.0, first_burst_s=6.0, measure_s=20.0, open_s=20.0, drain_s=30.0, concurrencies=(1, 8, 32),
                 batch_sizes=(8, 16), engine_batches=(1, 2, 4, 8, 16), overhead_rounds=100, layer_jobs=10,
                 layer_side=1024)
 
@@ -483,6 +485,11 @@ def batching_models(settings: Settings) -> dict[int, str]:
     return {1: "tiny-unbatched", 8: "tiny", **({16: "tiny-b16"} if 16 in settings.batch_sizes else {})}
 
 
+def strata_url(strata: Service, model: str) -> str:
+    """Strata's background removal with ``model``, doing the work the baselines do (no foreground refinement)."""
+    return f"{strata.url}/v1/remove-background?model={model}&refine_foreground=false"
+
+
 def baseline_service(name: str, codec: str, settings: Settings, weights: Path, work: Path) -> Service:
     port = free_port()
     argv = [sys.executable, str(ROOT / "scripts" / "baseline_app.py"), "--port", str(port),
@@ -778,7 +785,7 @@ def bench_serving(settings: Settings) -> dict:
               f"{settings.model_side}x{settings.model_side}; servers up in {startup_s:.0f} s; Strata's request path: "
               + ("HAProxy, direct ingress, gRPC" if fast else "Serve's default proxy (the fast path turned off in this environment)"))
         urls = {
-            "strata": f"{strata.url}/v1/remove-background?model=tiny&refine_foreground=false",
+            "strata": strata_url(strata, "tiny"),
             "baseline": f"{baselines[0].url}/v1/remove-background",
             "baseline-fast": f"{baselines[1].url}/v1/remove-background",
         }
@@ -791,9 +798,12 @@ def bench_serving(settings: Settings) -> dict:
 
 def _measure_serving(settings: Settings, photo: bytes, urls: dict[str, str], strata: Service) -> dict:
     run = asyncio.run
-    # Warm every path (first requests load lazy state) before anything is measured.
-    for url in urls.values():
-        run(closed_loop(url, photo, 2, 0.0, 1.0))
+    # A burst at the top concurrency on every path before anything is measured: first
+    # requests load lazy state, and the first burst grows each process's memory, which on
+    # the bench's VM took seconds (its first touch of a page costs ~30 us: docs/PERFORMANCE.md).
+    strata_models = [strata_url(strata, model) for model in batching_models(settings).values()]  # "tiny" among them
+    for url in [*(url for name, url in urls.items() if name != "strata"), *strata_models]:
+        run(closed_loop(url, photo, max(settings.concurrencies), 0.0, settings.first_burst_s))
 
     http = []
     for concurrency in settings.concurrencies:
@@ -926,11 +936,10 @@ def _serving_overhead(settings: Settings, photo: bytes, urls: dict[str, str], fl
 
 def _batching(settings: Settings, photo: bytes, strata: Service) -> dict:
     concurrency = max(settings.concurrencies)
-    base = f"{strata.url}/v1/remove-background?refine_foreground=false&model="
     rows = []
     # Measured back to back here (not reusing the runs above), so on and off see the same machine.
     for max_batch, model in batching_models(settings).items():
-        summary = asyncio.run(closed_loop(base + model, photo, concurrency, settings.warmup_s, settings.measure_s))
+        summary = asyncio.run(closed_loop(strata_url(strata, model), photo, concurrency, settings.warmup_s, settings.measure_s))
         rows.append({"max_batch_size": max_batch, "model": model, **summary})
     print(f"\nBatching at concurrency {concurrency} (closed loop, the same tiny model; "
           "max_batch_size 1 = batching off)")

@@ -289,8 +289,11 @@ class LayerJobRunner:
                 try:
                     event, data = await asyncio.wait_for(queue.get(), poll_s)
                     if event == "progress":
-                        last_step = data["step"]
-                        yield event, data
+                        # The runner writes a step to the store before it announces it,
+                        # so a poll in between may have reported this step already.
+                        if data["step"] != last_step:
+                            last_step = data["step"]
+                            yield event, data
                         continue
                 except TimeoutError:
                     pass

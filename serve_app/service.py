@@ -160,10 +160,10 @@ class StrataService:
         except imaging.ImageRejected as exc:
             raise ProblemError(exc.status, exc.title, exc.detail, slug=exc.code) from exc
 
-    def image_size(self, data: bytes) -> tuple[int, int]:
-        """The upload's upright (width, height) from its header, within the configured limits, or a 4xx."""
+    def image_pixels(self, data: bytes) -> int:
+        """The upload's pixel count from its header, within the configured limits, or a 4xx."""
         try:
-            return imaging.image_size(data, self._limits)
+            return imaging.image_pixels(data, self._limits)
         except imaging.ImageRejected as exc:
             raise ProblemError(exc.status, exc.title, exc.detail, slug=exc.code) from exc
 
@@ -193,11 +193,11 @@ class StrataService:
         the served model `model`: the image and its alpha, ready to render. Its CPU steps
         run where `cpu_steps` says: the caller counts the request in `cpu_steps.request()`."""
         started = time.perf_counter()
-        width, height = self.image_size(data)
-        image = await self.cpu_steps.run(width * height, self.decode, data)
+        pixels = self.image_pixels(data)
+        image = await self.cpu_steps.run(pixels, self.decode, data)
         input_size = (image.width, image.height)
         if max_pixels is not None:
-            image = await self.cpu_steps.run(width * height, imaging.downscale_to_pixels, image, max_pixels)
+            image = await self.cpu_steps.run(pixels, imaging.downscale_to_pixels, image, max_pixels)
         decode_ms = _ms_since(started)
         model_started = time.perf_counter()
         full_mask, result = await self.alpha_mask(model, image)

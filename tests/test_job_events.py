@@ -26,12 +26,17 @@ def runner_and_running_job(tmp_path) -> tuple[LayerJobRunner, JobStore, str]:
     return runner, store, job_id
 
 
+def announce_step(runner: LayerJobRunner, job_id: str, step: int) -> None:
+    """The runner telling this replica's listeners about a step."""
+    runner._publish(job_id, "progress", {"id": job_id, "status": "running", "progress": step / 3,
+                                         "step": step, "total_steps": 3, "at": None})
+
+
 def record_step(runner: LayerJobRunner, store: JobStore, job_id: str, step: int, *, then_publish: bool = True):
     """What the runner does for each step: the job store first, then this replica's listeners."""
     store.renew(job_id, OWNER, 30, progress=step / 3, step=step, total_steps=3)
     if then_publish:
-        runner._publish(job_id, "progress", {"id": job_id, "status": "running", "progress": step / 3,
-                                             "step": step, "total_steps": 3, "at": None})
+        announce_step(runner, job_id, step)
 
 
 def steps_of(events: list[tuple[str, dict]]) -> list[int]:
@@ -46,8 +51,7 @@ def test_a_step_the_poll_saw_first_is_not_sent_again_when_the_runner_announces_i
         seen = [await anext(events)]  # the job as it is
         record_step(runner, store, job_id, 1, then_publish=False)
         seen.append(await anext(events))  # the poll finds step 1 in the store...
-        runner._publish(job_id, "progress", {"id": job_id, "status": "running", "progress": 1 / 3,
-                                             "step": 1, "total_steps": 3, "at": None})  # ...then the runner says it
+        announce_step(runner, job_id, 1)  # ...then the runner says it
         record_step(runner, store, job_id, 2)
         record_step(runner, store, job_id, 3)
         store.finish(job_id, OWNER, JobStatus.SUCCEEDED, result={})

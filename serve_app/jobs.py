@@ -44,6 +44,8 @@ import base64
 import binascii
 import enum
 import secrets
+import sqlite3
+import time
 import zlib
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -289,6 +291,28 @@ def _utcnow() -> datetime:
 # --------------------------------------------------------------------------- store
 
 
+def _enable_wal(cursor: sqlite3.Cursor, timeout_s: float) -> None:
+    """Switch a SQLite file to write-ahead logging, waiting up to ``timeout_s`` for it.
+
+    The switch needs the file's exclusive lock, and SQLite answers "database is
+    locked" at once -- without calling the busy handler -- when another connection
+    holds a lock in the old journal mode (e.g. two processes opening a new file
+    together). So we retry, backing off, until the timeout a writer would wait.
+    """
+    deadline = time.monotonic() + timeout_s
+    pause_s = 0.005
+    while True:
+        try:
+            cursor.execute("PRAGMA journal_mode = WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            busy = str(exc) == "database is locked"  # SQLITE_BUSY (no error codes before 3.11)
+            if not busy or time.monotonic() + pause_s > deadline:
+                raise
+        time.sleep(pause_s)
+        pause_s = min(pause_s * 2, 0.1)
+
+
 class JobStore:
     """Job rows in SQLite or PostgreSQL. Synchronous and thread-safe: call it from a
     thread pool. Every method is one short transaction.
@@ -344,7 +368,7 @@ class JobStore:
             try:
                 cur.execute(f"PRAGMA busy_timeout = {busy_ms}")
                 if not in_memory:
-                    cur.execute("PRAGMA journal_mode = WAL")
+                    _enable_wal(cur, busy_timeout_s)
                 cur.execute("PRAGMA synchronous = FULL")  # a committed job survives power loss
             finally:
                 cur.close()

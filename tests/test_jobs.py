@@ -10,6 +10,7 @@ the PostgreSQL half is skipped.
 
 from __future__ import annotations
 
+import concurrent.futures
 import glob
 import json
 import os
@@ -187,6 +188,29 @@ def test_sqlite_store_creates_its_folder_and_uses_wal(tmp_path):
     path = tmp_path / "deep" / "er" / "jobs.db"
     JobStore(f"sqlite:///{path}").close()
     assert path.exists()
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+
+
+def test_sqlite_store_opened_during_another_write_waits_for_it(tmp_path):
+    # SQLite refuses the switch to WAL at once, busy timeout or not, while another
+    # connection writes in the old journal mode -- as when two processes open a
+    # new file together (a CI run once failed so).
+    path = tmp_path / "jobs.db"
+    writer = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    writer.execute("CREATE TABLE other (x)")
+    writer.execute("BEGIN IMMEDIATE")
+    writer.execute("INSERT INTO other VALUES (1)")
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        opening = pool.submit(JobStore, f"sqlite:///{path}", busy_timeout_s=30)
+        # It must still be waiting after a while, not have failed at once.
+        concurrent.futures.wait([opening], timeout=0.5)
+        assert not opening.done()
+        writer.execute("COMMIT")
+        with opening.result(timeout=30) as store:
+            store.create("layers", {})
+            assert store.count(JobStatus.QUEUED) == 1
+    writer.close()
     with sqlite3.connect(path) as conn:
         assert conn.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
 

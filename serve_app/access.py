@@ -8,6 +8,14 @@ latter wins when both are sent), except on the open paths: the web page (`/`,
 `/static/...`), liveness (`/healthz`) and the API reference (`/docs`, `/redoc`,
 `/openapi.json`).
 
+The web page cannot put a header on what the browser fetches by itself (its
+EventSource, `<img>` and download links), so it signs in once: `POST /v1/session`
+with a key sets the HttpOnly, SameSite=Strict cookie `strata_key` holding it, and
+the cookie then counts as the key. Against cross-site request forgery it counts on
+a request that changes something (any method but GET/HEAD/OPTIONS) only with an
+`X-Requested-With` header, which a form on another site cannot send and a script
+there cannot without a CORS grant.
+
 `AccessMiddleware` wraps the whole app, so every route family (Strata's own and
 the compatible APIs) is covered without declaring anything, and unknown paths
 answer 401 too rather than telling a stranger what exists. It records who called
@@ -33,12 +41,13 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 from limits import RateLimitItem, parse_many
 from limits.storage import MemoryStorage
 from limits.strategies import MovingWindowRateLimiter
 from starlette.middleware.cors import CORSMiddleware
-from starlette.requests import Request
+from starlette.requests import Request, cookie_parser
 from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
@@ -46,10 +55,12 @@ from serve_app.config import AuthConfig, CorsConfig
 from serve_app.problems import problem_response
 from serve_app.schemas import Problem
 
-__all__ = ["AccessControl", "AccessMiddleware", "ConfiguredCORSMiddleware", "ENV_VAR", "is_open_path",
-           "request_owner"]
+__all__ = ["AccessControl", "AccessMiddleware", "COOKIE", "ConfiguredCORSMiddleware", "ENV_VAR", "is_open_path",
+           "presented_key", "request_owner", "set_key_cookie"]
 
 ENV_VAR = "STRATA_API_KEYS"
+COOKIE = "strata_key"
+_SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 OPEN_PATHS = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 OPEN_PREFIXES = ("/static/",)
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
@@ -151,7 +162,9 @@ class AccessControl:
         return " and ".join(str(item) for item in self._limits)
 
 
-def _presented_key(scope: Scope) -> str | None:
+def presented_key(scope: Scope) -> str | None:
+    """The key a request carries: `X-Api-Key`, else `Authorization: Bearer`, else the
+    page's cookie (on a request that changes something, only with `X-Requested-With`)."""
     headers = dict((name.lower(), value) for name, value in scope.get("headers", ()))
     api_key = headers.get(b"x-api-key")
     if api_key is not None:
@@ -160,7 +173,20 @@ def _presented_key(scope: Scope) -> str | None:
     scheme, _, credentials = authorization.strip().partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
+    cookie = cookie_parser(headers.get(b"cookie", b"").decode("latin-1")).get(COOKIE)
+    if cookie and (scope.get("method") in _SAFE_METHODS or headers.get(b"x-requested-with")):
+        return unquote(cookie)
     return None
+
+
+def set_key_cookie(response: Response, key: str | None, *, secure: bool) -> None:
+    """Make `response` set the page's key cookie to `key` (None: remove it). It lasts
+    until the browser closes, and only pages of this origin's site send it."""
+    if key is None:
+        response.delete_cookie(COOKIE, path="/", secure=secure, httponly=True, samesite="strict")
+    else:  # percent-encoded: a key may hold characters a cookie value may not
+        response.set_cookie(COOKIE, quote(key, safe=""), path="/", secure=secure, httponly=True,
+                            samesite="strict")
 
 
 # How an API words a refusal (401: no valid key, 429: rate limit used up):
@@ -187,7 +213,7 @@ class AccessMiddleware:
             return
         access = self._access()
         if access.keys_required:
-            presented = _presented_key(scope)
+            presented = presented_key(scope)
             who = access.identify(presented)
             if who is None:
                 await self._unauthorized(scope, receive, send, missing=presented is None)

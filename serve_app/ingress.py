@@ -23,6 +23,7 @@ from serve_app.routes import (
     layer_saas_compat,
     rembg_compat,
     removebg_compat,
+    session,
     web,
 )
 from serve_app.service import StrataService, current_service
@@ -48,7 +49,7 @@ app = FastAPI(
 install_problem_handlers(app)
 install_openapi(app)
 # Strata's own API, then the other projects' APIs answered on the same service.
-for family in (health, background, jobs, rembg_compat, removebg_compat, layer_saas_compat, web):
+for family in (health, session, background, jobs, rembg_compat, removebg_compat, layer_saas_compat, web):
     app.include_router(family.router)
 app.mount("/static", web.static_files(), name="static")
 # Around every route and mount, routes added later included: keys and rate limits

@@ -71,6 +71,14 @@ class Health(BaseModel):
     layer_models: dict[str, ModelHealth] = Field(description="Layer-decomposition models.")
 
 
+class Session(BaseModel):
+    """`/v1/session`: whether this service needs a key, and whose key the caller used."""
+
+    keys_required: bool = Field(description="Whether every API request needs a key.")
+    key_id: str | None = Field(description="The caller's key id (`name:<name>` or `key:<digest>`, never "
+                                           "the key); null when the API is open.")
+
+
 ERROR_STATUSES = {
     400: "Empty, truncated or corrupt image, or a malformed multipart body",
     404: "No such job or file",

@@ -12,7 +12,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from serve_app.access import AccessControl, AccessMiddleware, is_open_path, parse_keys, request_owner
+from serve_app.access import COOKIE, AccessControl, AccessMiddleware, is_open_path, parse_keys, request_owner
 from serve_app.config import AppConfig, AuthConfig
 
 
@@ -20,7 +20,8 @@ def app_with(access: AccessControl) -> TestClient:
     async def whoami(request):
         return PlainTextResponse(str(await request_owner(request)))
 
-    app = Starlette(routes=[Route("/v1/whoami", whoami), Route("/healthz", whoami)])
+    app = Starlette(routes=[Route("/v1/whoami", whoami, methods=["GET", "POST", "DELETE"]),
+                            Route("/healthz", whoami)])
     app.add_middleware(AccessMiddleware, access=lambda: access)
     return TestClient(app)
 
@@ -96,6 +97,34 @@ def test_x_api_key_wins_over_authorization():
 def test_basic_authorization_is_not_a_key():
     client = app_with(AccessControl(parse_keys(["alice:k-alice"], "test")))
     assert client.get("/v1/whoami", headers={"Authorization": "Basic k-alice"}).status_code == 401
+
+
+def test_the_page_cookie_counts_as_the_key_on_a_read():
+    client = app_with(AccessControl(parse_keys(["alice:k-alice"], "test")))
+    response = client.get("/v1/whoami", headers={"Cookie": f"{COOKIE}=k-alice"})
+    assert (response.status_code, response.text) == (200, "name:alice")
+
+
+@pytest.mark.parametrize("method", ["POST", "DELETE"])
+def test_the_page_cookie_counts_on_a_change_only_with_x_requested_with(method):
+    # A form on another site can send the cookie (same-site subdomains, old browsers),
+    # never a custom header.
+    client = app_with(AccessControl(parse_keys(["alice:k-alice"], "test")))
+    cookie = {"Cookie": f"{COOKIE}=k-alice"}
+    assert client.request(method, "/v1/whoami", headers=cookie).status_code == 401
+    answered = client.request(method, "/v1/whoami", headers={**cookie, "X-Requested-With": "strata-web"})
+    assert (answered.status_code, answered.text) == (200, "name:alice")
+
+
+def test_the_page_cookie_is_percent_decoded():
+    client = app_with(AccessControl(parse_keys(['k;e"y,1'], "test")))
+    assert client.get("/v1/whoami", headers={"Cookie": f"{COOKIE}=k%3Be%22y%2C1"}).status_code == 200
+
+
+def test_a_header_key_wins_over_the_page_cookie():
+    client = app_with(AccessControl(parse_keys(["alice:k-alice"], "test")))
+    response = client.get("/v1/whoami", headers={"X-Api-Key": "wrong", "Cookie": f"{COOKIE}=k-alice"})
+    assert response.status_code == 401
 
 
 def test_without_keys_the_rate_limit_counts_per_client_address():

@@ -20,7 +20,8 @@ from tests.test_remove_background_api import assert_problem, red_disc_png
 # Deploys configs of its own: runs after the modules that share the default app (conftest).
 pytestmark = pytest.mark.own_deployment
 
-KEYS = {name: f"sk-{name}-{secrets.token_urlsafe(24)}" for name in ("alice", "bob", "dave", "erin", "frank")}
+KEYS = {name: f"sk-{name}-{secrets.token_urlsafe(24)}"
+        for name in ("alice", "bob", "dave", "erin", "frank", "grace", "heidi")}
 RATE = 30  # per minute, per key
 ORIGIN = "https://app.example"
 IMAGE, _ = red_disc_png(160, 120)
@@ -32,7 +33,8 @@ def secured(serve_instance, tiny_models_dir, data_dir, tmp_path_factory) -> str:
     keys_file = tmp_path_factory.mktemp("keys") / "api-keys"
     # alice is named; the others are bare keys (their id is a digest).
     keys_file.write_text("# Strata API keys\n" + f"alice:{KEYS['alice']}\n"
-                         + "".join(f"{KEYS[name]}\n" for name in ("bob", "dave", "erin", "frank")))
+                         + "".join(f"{KEYS[name]}\n" for name in ("bob", "dave", "erin", "frank", "grace"))
+                         + f"heidi:{KEYS['heidi']}\n")
     config = copy.deepcopy(tiny_config(tiny_models_dir, data_dir))
     args = config["applications"][0]["args"]
     args["auth"] = {"api_keys_file": str(keys_file), "rate_limit": f"{RATE}/minute"}
@@ -144,6 +146,62 @@ def test_job_made_while_the_api_was_open_belongs_to_no_key(alice, data_dir):
         ownerless = store.create("layers", {"model": "classic"})
     assert_problem(alice.get(f"/v1/jobs/{ownerless.id}"), 404, "no job")
     assert ownerless.id not in {job["id"] for job in alice.get("/v1/jobs?limit=100").json()["jobs"]}
+
+
+# --- the web page's sign-in (a cookie) ----------------------------------------------------------------
+
+
+def test_session_says_keys_are_required_and_whose_key_was_used(alice, anonymous):
+    assert alice.get("/v1/session").json() == {"keys_required": True, "key_id": "name:alice"}
+    assert_problem(anonymous.get("/v1/session"), 401, "API key")
+
+
+def test_sign_in_keeps_the_key_in_an_http_only_same_site_cookie(anonymous):
+    response = anonymous.post("/v1/session", headers={"X-Api-Key": KEYS["grace"]})
+    assert response.status_code == 200
+    cookie = response.headers["set-cookie"].lower()
+    assert cookie.startswith("strata_key=") and "httponly" in cookie and "samesite=strict" in cookie
+    assert "secure" not in cookie and "max-age" not in cookie  # plain HTTP here; gone when the browser closes
+    assert KEYS["grace"] not in response.text
+
+
+def test_sign_in_cookie_is_secure_behind_an_https_proxy(anonymous):
+    response = anonymous.post("/v1/session", headers={"X-Api-Key": KEYS["grace"], "X-Forwarded-Proto": "https"})
+    assert "secure" in response.headers["set-cookie"].lower()
+
+
+def test_the_signed_in_cookie_alone_opens_the_api(secured):
+    with httpx.Client(base_url=secured, timeout=60) as browser:
+        assert browser.post("/v1/session", headers={"X-Api-Key": KEYS["grace"]}).status_code == 200
+        assert browser.get("/v1/session").json()["key_id"].startswith("key:")
+        job = browser.post("/v1/layers", params={"model": "classic", "layers": 2},
+                           headers={"Prefer": "wait=60", "X-Requested-With": "strata-web"},
+                           files={"image": ("disc.png", IMAGE, "image/png")})
+        assert job.status_code == 200, job.text
+        layer = browser.get(job.json()["result"]["layers"][0]["url"])
+        assert layer.status_code == 200 and layer.content.startswith(b"\x89PNG")
+
+
+def test_the_signed_in_cookie_does_not_post_without_x_requested_with(secured):
+    with httpx.Client(base_url=secured, timeout=60) as browser:
+        browser.post("/v1/session", headers={"X-Api-Key": KEYS["grace"]})
+        refused = browser.post("/v1/remove-background", params={"model": "classic"},
+                               files={"image": ("disc.png", IMAGE, "image/png")})
+        assert_problem(refused, 401, "API key")
+
+
+def test_sign_in_with_a_wrong_key_sets_no_cookie(anonymous):
+    response = anonymous.post("/v1/session", headers={"X-Api-Key": "sk-wrong-" + secrets.token_urlsafe(16)})
+    assert_problem(response, 401, "not valid")
+    assert "set-cookie" not in response.headers
+
+
+def test_sign_out_removes_the_cookie(secured):
+    with httpx.Client(base_url=secured, timeout=60) as browser:
+        browser.post("/v1/session", headers={"X-Api-Key": KEYS["grace"]})
+        assert browser.delete("/v1/session", headers={"X-Requested-With": "strata-web"}).status_code == 204
+        assert not browser.cookies
+        assert_problem(browser.get("/v1/jobs"), 401, "API key")
 
 
 # --- rate limits --------------------------------------------------------------------------------------

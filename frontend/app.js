@@ -63,6 +63,16 @@
     jobList: $("job-list"),
     jobsEmpty: $("jobs-empty"),
     refreshJobs: $("refresh-jobs"),
+    keyButton: $("key-button"),
+    keyDialog: $("key-dialog"),
+    keyForm: $("key-form"),
+    keyInput: $("key-input"),
+    keyReason: $("key-reason"),
+    keyError: $("key-error"),
+    keyErrorTitle: $("key-error-title"),
+    keyErrorDetail: $("key-error-detail"),
+    keySubmit: $("key-submit"),
+    keyCancel: $("key-cancel"),
   };
 
   const state = {
@@ -76,6 +86,9 @@
     stream: null,        // its EventSource
     pollTimer: null,
     jobsRequest: 0,
+    keysRequired: false, // the service asks for an API key
+    signedIn: false,     // this browser holds one in the sign-in cookie
+    keyDeclined: false,  // "Not now": ask again only when the person asks
   };
 
   // ---------------------------------------------------------------- helpers
@@ -149,11 +162,107 @@
     return { title: "Can’t reach Strata", detail: `The request did not complete (${error.message}). Is the server running?` };
   }
 
+  // ---------------------------------------------------------------- the API and its key
+
+  // On every call. With it the sign-in cookie counts as the key on a request that
+  // changes something: a form on another site cannot send it (cross-site forgery).
+  const PAGE_HEADERS = { "X-Requested-With": "strata-web" };
+
+  /** fetch() for the API: the page's header, and the key dialog when the answer is 401. */
+  async function api(url, init = {}) {
+    const response = await fetch(url, { ...init, headers: { ...PAGE_HEADERS, ...init.headers } });
+    if (response.status === 401) needKey();
+    return response;
+  }
+
+  function showSession(session) {
+    state.keysRequired = session.keys_required;
+    state.signedIn = session.keys_required && Boolean(session.key_id);
+    ui.keyButton.hidden = !state.keysRequired;
+    ui.keyButton.textContent = state.signedIn ? "Forget key" : "Enter API key";
+  }
+
+  function needKey() {
+    const revoked = state.signedIn;  // the key this browser held is no longer accepted
+    showSession({ keys_required: true, key_id: null });
+    setServiceStatus("pending", "API key needed");
+    if (!state.keyDeclined) openKeyDialog(revoked);
+  }
+
+  function openKeyDialog(revoked = false) {
+    if (ui.keyDialog.open) return;
+    ui.keyReason.textContent = revoked
+      ? "The key this browser used is no longer accepted. Enter a current one."
+      : "This Strata asks every caller for an API key. Its operator gives them out.";
+    ui.keyError.hidden = true;
+    ui.keyDialog.showModal();
+    ui.keyInput.focus();
+  }
+
+  async function submitKey(event) {
+    event.preventDefault();
+    const key = ui.keyInput.value.trim();
+    if (!key) return showKeyError({ title: "Enter a key", detail: "The field is empty." });
+    ui.keySubmit.disabled = true;
+    try {
+      // Not through api(): a refused key is shown here, not by opening the dialog again.
+      const response = await fetch("/v1/session", { method: "POST", headers: { ...PAGE_HEADERS, "X-Api-Key": key } });
+      if (!response.ok) return showKeyError(await problemOf(response));
+      ui.keyInput.value = "";
+      ui.keyDialog.close();
+      showSession(await response.json());
+      loadEverything();
+    } catch (error) {
+      showKeyError(networkProblem(error));
+    } finally {
+      ui.keySubmit.disabled = false;
+    }
+  }
+
+  function showKeyError(problem) {
+    ui.keyErrorTitle.textContent = problem.title;
+    ui.keyErrorDetail.textContent = problem.detail;
+    ui.keyError.hidden = false;
+    ui.keyInput.select();
+  }
+
+  async function onKeyButton() {
+    if (!state.signedIn) {
+      state.keyDeclined = false;
+      return openKeyDialog();
+    }
+    try {
+      await fetch("/v1/session", { method: "DELETE", headers: PAGE_HEADERS });
+    } catch (error) {
+      return showResultError(networkProblem(error), true);
+    }
+    stopWatching();
+    ui.jobList.replaceChildren();
+    state.keyDeclined = false;
+    needKey();
+  }
+
+  /** What the page shows from the API: the service, its models, the jobs, a job named in the URL. */
+  async function loadEverything() {
+    try {
+      const response = await api("/v1/session", { headers: { Accept: "application/json" } });
+      if (response.status === 401) return;  // the dialog asks for a key; this runs again once one is given
+      if (response.ok) showSession(await response.json());
+    } catch {
+      /* loadHealth below says the service cannot be reached */
+    }
+    loadHealth();
+    loadJobs();
+    const match = /^#job=([A-Za-z0-9_-]+)$/.exec(location.hash);
+    if (match) reopenJob(match[1]);
+  }
+
   // ---------------------------------------------------------------- health and models
 
   async function loadHealth() {
     try {
-      const response = await fetch("/v1/health", { headers: { Accept: "application/json" } });
+      const response = await api("/v1/health", { headers: { Accept: "application/json" } });
+      if (response.status === 401) return;  // needKey() has said so
       if (!response.ok) throw new Error((await problemOf(response)).detail || `HTTP ${response.status}`);
       state.health = await response.json();
     } catch (error) {
@@ -261,7 +370,7 @@
     if (model) params.set("model", model);
     const body = new FormData();
     body.append("image", file, file.name);
-    const response = await fetch(`/v1/remove-background?${params}`, { method: "POST", body });
+    const response = await api(`/v1/remove-background?${params}`, { method: "POST", body });
     if (!response.ok) return { problem: await problemOf(response) };
     await response.arrayBuffer();
     return { width: Number(response.headers.get("X-Width")), height: Number(response.headers.get("X-Height")) };
@@ -467,7 +576,7 @@
     state.busy = true;
     updateRunButton();
     try {
-      const response = await fetch(url, { method: "POST", body });
+      const response = await api(url, { method: "POST", body });
       if (!response.ok) {
         setBadge("Failed", "failed");
         showResultError(await problemOf(response));
@@ -622,7 +731,7 @@
 
   async function poll(jobId) {
     try {
-      const response = await fetch(`/v1/jobs/${encodeURIComponent(jobId)}`);
+      const response = await api(`/v1/jobs/${encodeURIComponent(jobId)}`);
       if (response.ok) applyJob(await response.json());
       else if (response.status === 404) return showResultError(await problemOf(response));
     } catch {
@@ -639,7 +748,7 @@
     ui.cancel.disabled = true;
     ui.cancel.textContent = "Cancelling…";
     try {
-      const response = await fetch(`/v1/jobs/${encodeURIComponent(job.id)}`, { method: "DELETE" });
+      const response = await api(`/v1/jobs/${encodeURIComponent(job.id)}`, { method: "DELETE" });
       if (response.status === 202) applyJob(await response.json());
       else if (!response.ok) showResultError(await problemOf(response), true);
     } catch (error) {
@@ -711,7 +820,8 @@
     const request = ++state.jobsRequest;  // only the latest listing is drawn
     let jobs;
     try {
-      const response = await fetch("/v1/jobs?limit=8");
+      const response = await api("/v1/jobs?limit=8");
+      if (response.status === 401) throw new Error("enter an API key to see your jobs");
       if (!response.ok) throw new Error((await problemOf(response)).detail);
       jobs = (await response.json()).jobs;
       if (request !== state.jobsRequest) return;
@@ -774,7 +884,7 @@
 
   async function reopenJob(jobId) {
     try {
-      const response = await fetch(`/v1/jobs/${encodeURIComponent(jobId)}`);
+      const response = await api(`/v1/jobs/${encodeURIComponent(jobId)}`);
       if (!response.ok) {
         showResultError(await problemOf(response));
         return loadJobs();
@@ -788,7 +898,7 @@
 
   async function deleteJob(jobId) {
     try {
-      const response = await fetch(`/v1/jobs/${encodeURIComponent(jobId)}`, { method: "DELETE" });
+      const response = await api(`/v1/jobs/${encodeURIComponent(jobId)}`, { method: "DELETE" });
       if (!response.ok && response.status !== 404) {
         showResultError(await problemOf(response), true);
       } else if (response.status === 202) {
@@ -821,11 +931,15 @@
     ui.form.addEventListener("submit", onSubmit);
     ui.cancel.addEventListener("click", cancelJob);
     ui.refreshJobs.addEventListener("click", loadJobs);
+    ui.keyForm.addEventListener("submit", submitKey);
+    ui.keyCancel.addEventListener("click", () => {
+      state.keyDeclined = true;
+      ui.keyDialog.close();
+    });
+    ui.keyDialog.addEventListener("cancel", () => { state.keyDeclined = true; });  // Escape
+    ui.keyButton.addEventListener("click", onKeyButton);
     onTaskChange();
-    loadHealth();
-    loadJobs();
-    const match = /^#job=([A-Za-z0-9_-]+)$/.exec(location.hash);
-    if (match) reopenJob(match[1]);
+    loadEverything();
   }
 
   start();

@@ -123,6 +123,17 @@ def _pixels(png: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(png)).convert("RGB"), dtype=np.int16)
 
 
+def assert_disc_cut_out(image) -> None:
+    """The shown cutout of the red disc keeps the disc and clears the grey around it
+    (its pixels read back in the page)."""
+    alpha = image.evaluate("""img => {
+        const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
+        const g = c.getContext('2d'); g.drawImage(img, 0, 0);
+        return [g.getImageData(160, 120, 1, 1).data[3], g.getImageData(5, 5, 1, 1).data[3]];
+    }""")
+    assert alpha[0] > 200 and alpha[1] < 50
+
+
 def test_chosen_image_shows_name_size_and_dimensions(ui, disc_png):
     ui.choose(disc_png)
     expect(ui.page.locator("#file-name")).to_have_text("red-disc.png")
@@ -142,13 +153,7 @@ def test_cutout_is_rendered_on_a_checkerboard(ui, disc_png):
     expect(image).to_be_visible(timeout=SLOW_MS)
     size = image.evaluate("img => [img.naturalWidth, img.naturalHeight]")
     assert size == [320, 240]
-    # The disc is kept and the grey around it is gone: read the pixels back.
-    alpha = image.evaluate("""img => {
-        const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
-        const g = c.getContext('2d'); g.drawImage(img, 0, 0);
-        return [g.getImageData(160, 120, 1, 1).data[3], g.getImageData(5, 5, 1, 1).data[3]];
-    }""")
-    assert alpha[0] > 200 and alpha[1] < 50
+    assert_disc_cut_out(image)
     assert "conic-gradient" in image.evaluate("img => getComputedStyle(img).backgroundImage")
     expect(page.locator("#cutout-meta")).to_contain_text("tiny (birefnet)")
     expect(page.locator("#cutout-download")).to_have_attribute("download", "red-disc-cutout.png")

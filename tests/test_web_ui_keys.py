@@ -12,7 +12,8 @@ import zipfile
 import pytest
 
 from tests.conftest import deploy_config, tiny_config
-from tests.test_web_ui import DESKTOP, SLOW_MS, UI, _new_ui, browser, design_png, disc_png, expect  # noqa: F401
+from tests.test_web_ui import (  # noqa: F401 (browser, design_png and disc_png: fixtures)
+    DESKTOP, SLOW_MS, UI, _new_ui, assert_disc_cut_out, browser, design_png, disc_png, expect)
 
 # Deploys a config of its own: runs after the modules that share the default app (conftest).
 pytestmark = pytest.mark.own_deployment
@@ -70,12 +71,7 @@ def test_with_the_key_a_person_removes_a_background(page_ui, disc_png):  # noqa:
     page.locator("#run").click()
     image = page.locator("#cutout-image")
     expect(image).to_be_visible(timeout=SLOW_MS)
-    alpha = image.evaluate("""img => {
-        const c = document.createElement('canvas'); c.width = img.naturalWidth; c.height = img.naturalHeight;
-        const g = c.getContext('2d'); g.drawImage(img, 0, 0);
-        return [g.getImageData(160, 120, 1, 1).data[3], g.getImageData(5, 5, 1, 1).data[3]];
-    }""")
-    assert alpha[0] > 200 and alpha[1] < 50
+    assert_disc_cut_out(image)
 
 
 def test_a_layer_job_streams_shows_and_downloads_with_the_key(page_ui, design_png):  # noqa: F811

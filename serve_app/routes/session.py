@@ -33,7 +33,7 @@ async def sign_in(request: Request, response: Response, service: CurrentService)
     # one, or keys are off (then there is nothing to keep).
     if service.access.keys_required:
         set_key_cookie(response, presented_key(request.scope), secure=_over_https(request))
-    return Session(keys_required=service.access.keys_required, key_id=await request_owner(request))
+    return await session(request, service)
 
 
 @router.delete("/v1/session", summary="Sign the web page out: remove the key's cookie", status_code=204)

@@ -179,7 +179,9 @@ class CorsConfig(BaseModel):
                                  "Content-Disposition"],
         description="Response headers a page's script may read.",
     )
-    allow_credentials: bool = Field(False, description="Let browsers send cookies (Strata uses none; keys go in headers).")
+    allow_credentials: bool = Field(
+        False, description="Let other origins' pages send cookies (they send keys in headers; "
+                           "the key cookie is for Strata's own page).")
     max_age_s: int = Field(600, ge=0, description="How long browsers may cache a preflight answer.")
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 
 import httpx
 import psutil
@@ -36,25 +37,14 @@ def wait_until_healthy(base: str, process: subprocess.Popen, timeout_s: float = 
     pytest.fail(f"{base} was not healthy within {timeout_s} s")
 
 
-def stop_with_sigterm(process: subprocess.Popen) -> None:
-    process.send_signal(signal.SIGTERM)
-
-
-def stop_with_ctrl_c(process: subprocess.Popen) -> None:
-    # A terminal's Ctrl-C signals the whole foreground process group.
-    os.killpg(process.pid, signal.SIGINT)
-
-
-@pytest.mark.parametrize("stop", [stop_with_sigterm, stop_with_ctrl_c], ids=["SIGTERM", "Ctrl-C"])
-def test_make_run_serves_local_yaml_through_haproxy_and_stops_cleanly(tmp_path, stop):
-    # configs/local.yaml as `make run` serves it, on a free port with its own data.
+def start_make_run(tmp_path, config: dict) -> tuple[subprocess.Popen, str]:
+    """`make run`'s command serving `config` on a free port with its own data: the
+    process (leader of its own process group) and the base URL."""
     port = _free_port()
-    config = load_config("local.yaml")
     config["http_options"]["port"] = port
     config["applications"][0]["args"]["jobs"]["data_dir"] = str(tmp_path / "data")
-    config_path = tmp_path / "local.yaml"
+    config_path = tmp_path / "config.yaml"
     config_path.write_text(yaml.safe_dump(config))
-
     # RAY_ADDRESS=local: a Ray of its own (sized by this machine), not the test
     # session's cluster. HF_HUB_OFFLINE: no weights here, deterministically.
     # Without the serving environment, which the test session sets: `make run` sets it itself.
@@ -63,7 +53,24 @@ def test_make_run_serves_local_yaml_through_haproxy_and_stops_cleanly(tmp_path, 
     process = subprocess.Popen([sys.executable, "-m", "serve_app.run", str(config_path)],
                                cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
+    return process, f"http://127.0.0.1:{port}"
+
+
+def assert_stops_cleanly(process: subprocess.Popen, stop: Callable[[subprocess.Popen], None]) -> None:
+    """`stop` ends the server with exit status 0 and leaves none of its processes behind."""
+    ray_processes = psutil.Process(process.pid).children(recursive=True)
+    assert ray_processes, "serve run started no Ray processes"
+    stop(process)
+    assert process.wait(timeout=60) == 0
+    _, alive = psutil.wait_procs(ray_processes, timeout=30)
+    assert alive == [], f"left behind: {alive}"
+
+
+def test_make_run_serves_local_yaml_through_haproxy_and_stops_on_sigterm(tmp_path):
+    # configs/local.yaml as `make run` serves it. SIGTERM: what `kill`, systemd and make send.
+    config = load_config("local.yaml")
+    process, base = start_make_run(tmp_path, config)
+    port = config["http_options"]["port"]
     try:
         health = wait_until_healthy(base, process)
         assert health["models"]["birefnet"]["engine"] == "classic"
@@ -76,7 +83,6 @@ def test_make_run_serves_local_yaml_through_haproxy_and_stops_cleanly(tmp_path, 
         assert Image.open(io.BytesIO(response.content)).mode == "RGBA"
 
         ray_processes = psutil.Process(process.pid).children(recursive=True)
-        assert ray_processes, "serve run started no Ray processes"
         # Serve's fast request path (serve_app.run.SERVING_ENV): HAProxy holds the port.
         listeners = {c.pid for c in psutil.net_connections("tcp")
                      if c.status == psutil.CONN_LISTEN and c.laddr.port == port}
@@ -90,10 +96,26 @@ def test_make_run_serves_local_yaml_through_haproxy_and_stops_cleanly(tmp_path, 
         for deployment, replica in replicas:
             expected = {**MEMORY_ENV, **CPU_MODEL_MEMORY_ENV} if deployment in segmenters else MEMORY_ENV
             assert expected.items() <= replica.environ().items(), deployment
-        stop(process)
-        assert process.wait(timeout=60) == 0
-        _, alive = psutil.wait_procs(ray_processes, timeout=30)
-        assert alive == [], f"left behind: {alive}"
+        assert_stops_cleanly(process, lambda server: server.send_signal(signal.SIGTERM))
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_ctrl_c_stops_make_run_cleanly(tmp_path):
+    # One weights-free model is enough to see the whole Ray shut down.
+    config = load_config("local.yaml")
+    args = config["applications"][0]["args"]
+    args.update(default_model="classic", segmentation={"classic": {"engine": "classic"}},
+                default_layer_model="classic", layered={"classic": {"engine": "classic"}})
+    args.pop("compat")
+    app = config["applications"][0]
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", "classic")]
+    process, base = start_make_run(tmp_path, config)
+    try:
+        wait_until_healthy(base, process)
+        # A terminal's Ctrl-C signals the whole foreground process group.
+        assert_stops_cleanly(process, lambda server: os.killpg(server.pid, signal.SIGINT))
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)

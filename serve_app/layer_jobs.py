@@ -289,18 +289,19 @@ class LayerJobRunner:
                 try:
                     event, data = await asyncio.wait_for(queue.get(), poll_s)
                     if event == "progress":
-                        # The runner writes a step to the store before it announces it,
-                        # so a poll in between may have reported this step already.
-                        if data["step"] != last_step:
-                            last_step = data["step"]
-                            yield event, data
+                        last_step = data["step"]
+                        yield event, data
                         continue
                 except TimeoutError:
                     pass
                 job = await run_in_threadpool(self.store.get, job_id)
                 if job is None:
                     return
-                if job.status == JobStatus.RUNNING and job.step is not None and job.step != last_step:
+                # Steps come from one source: the runner's events for a job running here
+                # (in order, with their time; the store may already hold a later step than
+                # the queue has delivered), the store for a job running elsewhere.
+                if (job.status == JobStatus.RUNNING and job.step is not None and job.step != last_step
+                        and job_id not in self._running):
                     last_step = job.step
                     yield "progress", {"id": job.id, "status": "running", "progress": job.progress,
                                        "step": job.step, "total_steps": job.total_steps, "at": None}

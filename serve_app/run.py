@@ -12,10 +12,12 @@ Ray Serve's fast request path and memory settings that spare requests page fault
 from __future__ import annotations
 
 import os
+import random
 import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 # Ray Serve's high-throughput request path (Ray >= 2.56, documented for KubeRay):
 # HAProxy (bundled with ray[serve]) takes HTTP on the configured port and hands it
@@ -89,11 +91,41 @@ def spare_serve_ports() -> dict[str, str]:
     return {name: str(free_port()) for name in names}
 
 
+# Ports free_port has handed out in this process: each goes to a server that binds it later.
+_HANDED_OUT: set[int] = set()
+# Below the kernel's ephemeral range (where it picks ports for outgoing connections and
+# for servers that bind port 0, as Ray's processes do) and above Ray's worker ports.
+_FREE_PORT_LOW = 20000
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):  # not Linux: the IANA range's start
+        return 49152
+
+
 def free_port() -> int:
-    """A TCP port free on this machine now."""
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+    """A TCP port free on this machine now, for a server that binds it later: never one
+    this process handed out before, and outside the range the kernel assigns from, so
+    neither a second server nor a connection opened meanwhile takes it first."""
+    high = _ephemeral_low() - 1
+    while True:
+        if high > _FREE_PORT_LOW:
+            port = random.randint(_FREE_PORT_LOW, high)
+        else:  # an unusual ephemeral range: let the kernel choose
+            with socket.socket() as sock:
+                sock.bind(("", 0))
+                port = sock.getsockname()[1]
+        if port in _HANDED_OUT:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+        _HANDED_OUT.add(port)
+        return port
 
 
 def _default_sigint() -> None:

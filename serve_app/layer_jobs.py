@@ -145,11 +145,10 @@ class LayerJobRunner:
 
     async def _run(self, job: Job, owner: str) -> None:
         started = time.perf_counter()
-        model = job.params["model"]
-        params = {k: job.params[k] for k in ("layers", "resolution", "steps", "seed", "prompt", "true_cfg_scale")}
         await self._publish_status(job.id)
         heartbeat = asyncio.get_running_loop().create_task(self._heartbeat(job.id, owner))
         try:
+            model, params = _model_call_params(job)
             rgba = await run_in_threadpool(lambda: imaging.decode_rgba_png(self.storage.get(input_key(job.id))))
             stream = for_payload(self._models[model], rgba.nbytes).options(stream=True).decompose.remote(rgba, params)
             self._streams[job.id] = stream
@@ -330,6 +329,17 @@ def job_json(job: Job) -> dict[str, Any]:
         "attempts": job.attempts,
         "cancel_requested": job.cancel_requested,
     }
+
+
+def _model_call_params(job: Job) -> tuple[str, dict[str, Any]]:
+    """The model of a job's row and the parameters its model call takes. A row that lacks
+    one (written by hand, or by another version) is a ValueError that names it, so the
+    job fails with that reason instead of its dispatch failing attempt after attempt."""
+    keys = ("layers", "resolution", "steps", "seed", "prompt", "true_cfg_scale")
+    missing = [key for key in ("model", *keys) if key not in job.params]
+    if missing:
+        raise ValueError(f"the job's parameters lack {', '.join(missing)}")
+    return job.params["model"], {key: job.params[key] for key in keys}
 
 
 def _iso(epoch_s: float | None) -> str | None:

@@ -91,8 +91,14 @@ def test_make_run_serves_local_yaml_through_haproxy_and_stops_on_sigterm(tmp_pat
         # ... and the replicas run under its memory settings (read when a process starts),
         # the background-removal ones (on CPU here) under their own on top (serve_app.app).
         segmenters = set(config["applications"][0]["args"]["segmentation"])
-        replicas = [(p.cmdline()[0].strip().rsplit(":", 1)[1], p) for p in ray_processes
-                    if p.cmdline()[:1] and p.cmdline()[0].startswith("ray::ServeReplica")]
+        replicas = []
+        for child in ray_processes:
+            try:
+                cmdline = child.cmdline()
+            except psutil.NoSuchProcess:  # a short-lived Ray worker, gone since the listing
+                continue
+            if cmdline[:1] and cmdline[0].startswith("ray::ServeReplica"):
+                replicas.append((cmdline[0].strip().rsplit(":", 1)[1], child))
         assert {deployment for deployment, _ in replicas} >= segmenters | {"Ingress"}
         for deployment, replica in replicas:
             expected = {**MEMORY_ENV, **CPU_MODEL_MEMORY_ENV} if deployment in segmenters else MEMORY_ENV

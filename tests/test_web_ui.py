@@ -33,6 +33,9 @@ ARTIFACTS = Path(__file__).resolve().parent.parent / "test-artifacts"
 DESKTOP = {"width": 1360, "height": 900}
 PHONE = {"width": 390, "height": 844}
 SLOW_MS = 45_000  # a job end or a cutout, on a busy 2-core machine
+# Every other wait on the page is an API round trip or two: Playwright's 5 s is short on
+# a loaded 2-core machine.
+expect.set_options(timeout=15_000)
 
 
 @pytest.fixture(scope="module")

@@ -109,14 +109,9 @@ def free_port() -> int:
     """A TCP port free on this machine now, for a server that binds it later: never one
     this process handed out before, and outside the range the kernel assigns from, so
     neither a second server nor a connection opened meanwhile takes it first."""
-    high = _ephemeral_low() - 1
+    high = max(_ephemeral_low() - 1, _FREE_PORT_LOW + 1000)  # a range starting lower: overlap it
     while True:
-        if high > _FREE_PORT_LOW:
-            port = random.randint(_FREE_PORT_LOW, high)
-        else:  # an unusual ephemeral range: let the kernel choose
-            with socket.socket() as sock:
-                sock.bind(("", 0))
-                port = sock.getsockname()[1]
+        port = random.randint(_FREE_PORT_LOW, high)
         if port in _HANDED_OUT:
             continue
         with socket.socket() as sock:

@@ -237,9 +237,9 @@
       return showResultError(networkProblem(error), true);
     }
     stopWatching();
-    ui.jobList.replaceChildren();
     state.keyDeclined = false;
     needKey();
+    loadJobs();  // the list empties and says why
   }
 
   /** What the page shows from the API: the service, its models, the jobs, a job named in the URL. */

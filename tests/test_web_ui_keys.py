@@ -95,6 +95,7 @@ def test_forget_key_signs_the_page_out(page_ui):
     expect(page.locator("#key-button")).to_have_text("Forget key")
     page.locator("#key-button").click()
     expect(page.locator("#key-dialog")).to_be_visible()
+    expect(page.locator("#jobs-empty")).to_have_text("Could not list jobs: enter an API key to see your jobs")
     assert page.context.cookies() == []
     page.reload()
     expect(page.locator("#key-dialog")).to_be_visible(timeout=SLOW_MS)

@@ -17,7 +17,7 @@ import pytest
 import yaml
 from PIL import Image
 
-from serve_app.run import CPU_MODEL_MEMORY_ENV, MEMORY_ENV, SERVING_ENV, free_port, spare_serve_ports
+from serve_app.run import CPU_MODEL_MEMORY_ENV, MEMORY_ENV, SERVING_ENV, spare_serve_ports
 from tests.conftest import ROOT, _free_port, load_config
 from tests.images import product_photo
 from tests.test_remove_background_api import jpeg_bytes
@@ -130,7 +130,7 @@ def test_ctrl_c_stops_make_run_cleanly(tmp_path):
 
 def test_free_ports_are_never_handed_out_twice_nor_from_the_kernels_own_range():
     # Tests start servers (two Ray nodes: ~28 ports) on ports chosen before they bind them.
-    ports = [free_port() for _ in range(200)]
+    ports = [_free_port() for _ in range(200)]
     assert len(set(ports)) == len(ports)
     ephemeral_low = int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
     assert max(ports) < ephemeral_low

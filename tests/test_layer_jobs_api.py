@@ -10,7 +10,6 @@ import io
 import json
 import time
 import zipfile
-from pathlib import Path
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -18,6 +17,7 @@ import pytest
 from PIL import Image
 from psd_tools import PSDImage
 
+from serve_app.config import JobsConfig
 from serve_app.jobs import JobStore
 from tests.images import flat_design
 from tests.test_remove_background_api import assert_problem, open_image, png_bytes, red_disc_png
@@ -236,7 +236,7 @@ def test_cancelling_a_queued_job_is_immediate(client, design, busy_dispatcher):
 
 def test_a_job_row_without_its_parameters_fails_once_with_the_reason(client, data_dir):
     # A row no version of this API writes (by hand, or from an incompatible version).
-    with JobStore(f"sqlite:///{Path(data_dir).resolve() / 'jobs.db'}") as store:
+    with JobStore(JobsConfig(data_dir=str(data_dir)).url) as store:  # the app's store
         job = store.create("layers", {"model": "classic"})
     ended = wait_for_end(client, job.id)
     assert ended["status"] == "failed" and ended["attempts"] == 1

@@ -5,7 +5,6 @@ once, keeps it in the sign-in cookie, and everything the browser fetches by itse
 
 from __future__ import annotations
 
-import copy
 import secrets
 import zipfile
 
@@ -25,7 +24,7 @@ KEY = f"sk-page-{secrets.token_urlsafe(24)}"
 def keyed(serve_instance, tiny_models_dir, data_dir, tmp_path_factory) -> str:
     keys_file = tmp_path_factory.mktemp("keys") / "api-keys"
     keys_file.write_text(f"page:{KEY}\n")
-    config = copy.deepcopy(tiny_config(tiny_models_dir, data_dir))
+    config = tiny_config(tiny_models_dir, data_dir)
     config["applications"][0]["args"]["auth"] = {"api_keys_file": str(keys_file)}
     deploy_config(config)
     return serve_instance

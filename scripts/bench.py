@@ -1023,13 +1023,89 @@ def bench_transport(settings: Settings) -> dict:
     return {"median_ms_by_payload_bytes": timings, "by_reference_above_bytes": BY_REFERENCE_ABOVE_BYTES}
 
 
+# --------------------------------------------------------------------------- model call (on request)
+
+
+def bench_model_call(settings: Settings) -> dict:
+    """Strata's segmentation deployment alone, on a Ray of its own in this process, called
+    from another deployment (as the ingress calls it) with the quick run's model input,
+    in alternation with the same engine call in the caller's process: the engine's speed
+    in a replica against in-process, and what the call through Serve costs beyond it,
+    with no HTTP and no ingress."""
+    for name, value in {**SERVING_ENV, **spare_serve_ports(), "RAY_AUTH_MODE": "disabled"}.items():
+        os.environ.setdefault(name, value)
+    import ray
+    from ray import serve
+
+    from deployments.segmentation import SegmentationDeployment, SegmentationModelConfig
+
+    side, rounds = settings.model_side, settings.overhead_rounds
+    photo = imaging.decode_image(jpeg_bytes(synthetic_photo(settings.photo_side, settings.photo_side)))
+    model_input = imaging.resize_image(photo.rgb, imaging.model_input_size(photo.width, photo.height,
+                                                                            (side, side), None))
+    # Both replicas as serve_app.app deploys a CPU model: its memory settings from its runtime_env.
+    cpu_model = {"runtime_env": {"env_vars": dict(CPU_MODEL_MEMORY_ENV)}}
+
+    # The calls start in a deployment, as the ingress's do, on a handle made there: Serve
+    # reads its fast-path settings (gRPC between deployments) when a process first imports
+    # it, which this one did before they were set, and a handle keeps the settings of
+    # the process that made it.
+    @serve.deployment(ray_actor_options={"num_cpus": 0, **cpu_model})
+    class Caller:
+        def __init__(self, model) -> None:
+            self.model = serve.get_deployment_handle(model.deployment_name, model.app_name)
+            self.engine = load_tiny_engine(side)
+
+        async def timings(self) -> dict[str, list[float]]:
+            times: dict[str, list[float]] = {"in-process": [], "replica engine": [], "call": []}
+            for _ in range(5):  # warm both sides
+                await self.model.segment.remote(model_input)
+                self.engine.predict([model_input])
+            for _ in range(rounds):
+                times["in-process"].append(_timed(self.engine.predict, [model_input]))
+                sent = time.perf_counter()
+                result = await self.model.segment.remote(model_input)
+                times["call"].append((time.perf_counter() - sent) * 1000)
+                times["replica engine"].append(result.engine_ms)
+            return times
+
+    config = SegmentationModelConfig(engine="birefnet", weights=str(tiny_birefnet_dir()), device="cpu",
+                                     input_size=side)
+    model = SegmentationDeployment.options(
+        ray_actor_options={"num_cpus": 0.25, **cpu_model},
+        user_config={"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
+    ).bind("tiny", config)
+
+    async def measure(handle) -> dict[str, list[float]]:
+        times = await handle.timings.remote()
+        await serve.shutdown_async()
+        return times
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        times = asyncio.run(measure(serve.run(Caller.bind(model), name="model-call", route_prefix=None)))
+    finally:
+        ray.shutdown()
+    beyond = [call - inside for call, inside in zip(times["call"], times["replica engine"])]
+    result = {"rounds": rounds, "model_input_shape": list(model_input.shape),
+              "p50_ms": {name: statistics.median(t) for name, t in times.items()},
+              "call_beyond_engine_p50_ms": statistics.median(beyond)}
+    p50 = result["p50_ms"]
+    print(f"\nThe model call alone (Strata's segmentation deployment called from another deployment, a "
+          f"{model_input.nbytes / 1e3:.0f} kB model input; {rounds} rounds in alternation with in-process), p50 ms:")
+    print(f"  engine in-process {p50['in-process']:.1f}, engine in the replica {p50['replica engine']:.1f}, "
+          f"the call {p50['call']:.1f}: {result['call_beyond_engine_p50_ms']:.1f} beyond the replica's engine")
+    return result
+
+
 BENCHMARKS: dict[str, Callable[[Settings], dict]] = {
     "cpu-path": bench_cpu_path,
     "engine": bench_engine,
     "serving": bench_serving,
 }
-# Run only when named: made for a GPU box (``--bench engine-options --weights ... --device cuda``).
-ON_REQUEST = ("engine-options", "transport")
+# Run only when named: engine-options is made for a GPU box (``--bench engine-options --weights ... --device cuda``);
+# transport and model-call take apart the cost of a call between deployments.
+ON_REQUEST = ("engine-options", "transport", "model-call")
 
 
 def environment() -> dict:
@@ -1092,7 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
           f"simplejpeg {env['simplejpeg']}, fpng {env['fpng']}")
     runners = {**BENCHMARKS,
                "engine-options": lambda s: bench_engine_options(s, weights=args.weights, device=args.device),
-               "transport": bench_transport}
+               "transport": bench_transport, "model-call": bench_model_call}
     results = {name: runners[name](settings) for name in (args.bench or BENCHMARKS)}
     elapsed = time.perf_counter() - started
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

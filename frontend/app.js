@@ -231,15 +231,22 @@
       state.keyDeclined = false;
       return openKeyDialog();
     }
+    // Signed out only once the server has cleared the cookie: else the browser still
+    // holds the key, and the page must not say it does not.
     try {
-      await fetch("/v1/session", { method: "DELETE", headers: PAGE_HEADERS });
+      const response = await fetch("/v1/session", { method: "DELETE", headers: PAGE_HEADERS });
+      if (!response.ok) return showResultError(forgetProblem(await problemOf(response)), true);
     } catch (error) {
-      return showResultError(networkProblem(error), true);
+      return showResultError(forgetProblem(networkProblem(error)), true);
     }
     stopWatching();
     state.keyDeclined = false;
     needKey();
     loadJobs();  // the list empties and says why
+  }
+
+  function forgetProblem(problem) {
+    return { title: "The key was not forgotten", detail: `This browser still holds it. ${problem.title}: ${problem.detail}` };
   }
 
   /** What the page shows from the API: the service, its models, the jobs, a job named in the URL. */

@@ -2,7 +2,8 @@
 
 With no key configured the API is open, as a service on 127.0.0.1 is. With keys
 (the `STRATA_API_KEYS` environment variable, comma-separated, and/or the file
-`auth.api_keys_file`, one per line; either form may be `name:key`) every request
+`auth.api_keys_file`, one per line; either form may be `name:key`; a source that is
+set but holds no key is a startup error, not an open API) every request
 must carry one, as `Authorization: Bearer <key>` or `X-Api-Key: <key>` (the
 latter wins when both are sent), except on the open paths: the web page (`/`,
 `/static/...`), liveness (`/healthz`) and the API reference (`/docs`, `/redoc`,
@@ -10,11 +11,18 @@ latter wins when both are sent), except on the open paths: the web page (`/`,
 
 The web page cannot put a header on what the browser fetches by itself (its
 EventSource, `<img>` and download links), so it signs in once: `POST /v1/session`
-with a key sets the HttpOnly, SameSite=Strict cookie `strata_key` holding it, and
-the cookie then counts as the key. Against cross-site request forgery it counts on
-a request that changes something (any method but GET/HEAD/OPTIONS) only with an
-`X-Requested-With` header, which a form on another site cannot send and a script
-there cannot without a CORS grant.
+with a key sets an HttpOnly, SameSite=Strict cookie holding it, and the cookie then
+counts as the key under `/v1/` (Strata's own API, all the page calls; the
+compatible APIs' clients send header keys, and a cookie there would let a link run
+their GET routes). Over HTTPS the cookie is `__Host-strata_key`, which browsers
+refuse to let any other host (a sibling subdomain) set; over plain HTTP, where that
+prefix cannot be used, `strata_key`. A request carrying the cookie's name twice
+(one of them tossed in by another host) carries no cookie key. Against cross-site
+request forgery the cookie counts on a request that changes something (any method
+but GET/HEAD/OPTIONS) only with an `X-Requested-With` header, which a form on
+another site cannot send and a script there cannot without a CORS grant. Signing
+out (`DELETE /v1/session`) is open: clearing a cookie needs no key, and a revoked or
+rate-limited one must not keep the page signed in.
 
 `AccessMiddleware` wraps the whole app, so every route family (Strata's own and
 the compatible APIs) is covered without declaring anything, and unknown paths
@@ -55,14 +63,17 @@ from serve_app.config import AuthConfig, CorsConfig
 from serve_app.problems import problem_response
 from serve_app.schemas import Problem
 
-__all__ = ["AccessControl", "AccessMiddleware", "COOKIE", "ConfiguredCORSMiddleware", "ENV_VAR", "is_open_path",
-           "presented_key", "request_owner", "set_key_cookie"]
+__all__ = ["AccessControl", "AccessMiddleware", "COOKIE", "ConfiguredCORSMiddleware", "ENV_VAR", "HTTPS_COOKIE",
+           "is_open_path", "is_open_request", "presented_key", "request_owner", "set_key_cookie"]
 
 ENV_VAR = "STRATA_API_KEYS"
 COOKIE = "strata_key"
+HTTPS_COOKIE = "__Host-strata_key"
+_COOKIE_PREFIX = "/v1/"
 _SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 OPEN_PATHS = frozenset({"/", "/healthz", "/docs", "/docs/oauth2-redirect", "/redoc", "/openapi.json"})
 OPEN_PREFIXES = ("/static/",)
+OPEN_OPERATIONS = frozenset({("DELETE", "/v1/session")})
 _NAME = re.compile(r"[A-Za-z0-9_.-]{1,64}")
 # The caller's key id travels in the request's own ASGI scope (never a dict that
 # requests could share, such as the lifespan state).
@@ -75,6 +86,12 @@ def is_open_path(path: str) -> bool:
     if any(part in (".", "..") for part in path.split("/")):
         return False
     return path in OPEN_PATHS or path.startswith(OPEN_PREFIXES)
+
+
+def is_open_request(method: str, path: str) -> bool:
+    """Whether a `method` request to `path` is served without a key: the open paths,
+    and signing the page out."""
+    return is_open_path(path) or (method, path) in OPEN_OPERATIONS
 
 
 async def request_owner(request: Request) -> str | None:
@@ -95,8 +112,10 @@ def _digest(key: str) -> bytes:
 
 
 def parse_keys(entries: Iterable[str], source: str) -> list[_Key]:
-    """Keys from `entries` (`key` or `name:key`; blank entries and `#` comments
-    skipped); ValueError naming `source` for a malformed one, without the key."""
+    """Keys from `entries` (`key` or `name:key`, split at the first ':'; blank entries
+    and `#` comments skipped); ValueError naming `source` for a malformed one, without
+    the key. A key is printable ASCII without spaces: headers arrive as bytes, read as
+    Latin-1, so a key with other characters would not match what clients send (UTF-8)."""
     keys = []
     for number, raw in enumerate(entries, 1):
         entry = raw.strip()
@@ -105,8 +124,8 @@ def parse_keys(entries: Iterable[str], source: str) -> list[_Key]:
         name, separator, key = entry.partition(":")
         if not separator:
             name, key = "", entry
-        if not key or any(c.isspace() for c in key):
-            raise ValueError(f"{source}, entry {number}: a key must be non-empty and hold no spaces")
+        if not key or not all("!" <= c <= "~" for c in key):
+            raise ValueError(f"{source}, entry {number}: a key must be non-empty printable ASCII without spaces")
         if separator and not _NAME.fullmatch(name):
             raise ValueError(f"{source}, entry {number}: a key name is 1-64 letters, digits, '_', '.', '-'")
         key_id = f"name:{name}" if separator else f"key:{_digest(key).hex()[:16]}"
@@ -125,11 +144,21 @@ class AccessControl:
     @classmethod
     def from_config(cls, auth: AuthConfig, environ: Mapping[str, str] = os.environ) -> AccessControl:
         """Keys from `environ[STRATA_API_KEYS]` and `auth.api_keys_file`; a file that
-        cannot be read or a malformed key is a startup error."""
-        keys = parse_keys(environ.get(ENV_VAR, "").split(","), f"${ENV_VAR}")
+        cannot be read, a malformed key, or a source that is set but holds no key is a
+        startup error. Neither set: no keys (the API is open)."""
+        sources = []
+        if ENV_VAR in environ:
+            sources.append((f"${ENV_VAR}", environ[ENV_VAR].split(",")))
         if auth.api_keys_file:
             path = Path(auth.api_keys_file).expanduser()
-            keys += parse_keys(path.read_text().splitlines(), str(path))
+            sources.append((str(path), path.read_text().splitlines()))
+        keys = []
+        for source, entries in sources:
+            found = parse_keys(entries, source)
+            if not found:  # meant to lock the API, it would leave it open
+                raise ValueError(f"{source} is set but holds no API key (only blank entries or comments); "
+                                 f"add a key, or unset it to run the API without keys")
+            keys += found
         return cls(keys, auth.rate_limit)
 
     @property
@@ -162,31 +191,65 @@ class AccessControl:
         return " and ".join(str(item) for item in self._limits)
 
 
+def _over_https(scope: Scope) -> bool:
+    """Whether the browser reached us over HTTPS (directly or through a TLS-ending proxy)."""
+    return scope.get("scheme") == "https" or _header(scope, b"x-forwarded-proto") == b"https"
+
+
+def _cookie_name(scope: Scope) -> str:
+    """The page's key cookie for this request: `__Host-` over HTTPS (no other host can
+    set it), the plain name over HTTP (the prefix needs Secure)."""
+    return HTTPS_COOKIE if _over_https(scope) else COOKIE
+
+
+def _header(scope: Scope, name: bytes) -> bytes | None:
+    """The last value of header `name` (lower case)."""
+    found = None
+    for key, value in scope.get("headers", ()):
+        if key.lower() == name:
+            found = value
+    return found
+
+
+def _cookie_key(scope: Scope) -> str | None:
+    """The key in the page's cookie; None without one, or with the name twice (which
+    one the browser sent first says nothing about which is the page's own)."""
+    name = _cookie_name(scope)
+    header = "; ".join(value.decode("latin-1") for key, value in scope.get("headers", ())
+                       if key.lower() == b"cookie")
+    if sum(1 for pair in header.split(";") if pair.partition("=")[0].strip() == name) != 1:
+        return None
+    value = cookie_parser(header).get(name)
+    return unquote(value) if value else None
+
+
 def presented_key(scope: Scope) -> str | None:
     """The key a request carries: `X-Api-Key`, else `Authorization: Bearer`, else the
-    page's cookie (on a request that changes something, only with `X-Requested-With`)."""
-    headers = dict((name.lower(), value) for name, value in scope.get("headers", ()))
-    api_key = headers.get(b"x-api-key")
+    page's cookie (only under `/v1/`; on a request that changes something, only with
+    `X-Requested-With`)."""
+    api_key = _header(scope, b"x-api-key")
     if api_key is not None:
         return api_key.decode("latin-1").strip()
-    authorization = headers.get(b"authorization", b"").decode("latin-1")
+    authorization = (_header(scope, b"authorization") or b"").decode("latin-1")
     scheme, _, credentials = authorization.strip().partition(" ")
     if scheme.lower() == "bearer" and credentials.strip():
         return credentials.strip()
-    cookie = cookie_parser(headers.get(b"cookie", b"").decode("latin-1")).get(COOKIE)
-    if cookie and (scope.get("method") in _SAFE_METHODS or headers.get(b"x-requested-with")):
-        return unquote(cookie)
+    if not scope.get("path", "").startswith(_COOKIE_PREFIX):
+        return None
+    if scope.get("method") in _SAFE_METHODS or _header(scope, b"x-requested-with"):
+        return _cookie_key(scope)
     return None
 
 
-def set_key_cookie(response: Response, key: str | None, *, secure: bool) -> None:
-    """Make `response` set the page's key cookie to `key` (None: remove it). It lasts
-    until the browser closes, and only pages of this origin's site send it."""
+def set_key_cookie(response: Response, scope: Scope, key: str | None) -> None:
+    """Make `response` set the page's key cookie of request `scope` to `key` (None:
+    remove it). It lasts until the browser closes, and only pages of this origin's
+    site send it."""
+    name, secure = _cookie_name(scope), _over_https(scope)
     if key is None:
-        response.delete_cookie(COOKIE, path="/", secure=secure, httponly=True, samesite="strict")
+        response.delete_cookie(name, path="/", secure=secure, httponly=True, samesite="strict")
     else:  # percent-encoded: a key may hold characters a cookie value may not
-        response.set_cookie(COOKIE, quote(key, safe=""), path="/", secure=secure, httponly=True,
-                            samesite="strict")
+        response.set_cookie(name, quote(key, safe=""), path="/", secure=secure, httponly=True, samesite="strict")
 
 
 # How an API words a refusal (401: no valid key, 429: rate limit used up):
@@ -208,7 +271,7 @@ class AccessMiddleware:
         self._refusals = dict(refusals or {})
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or is_open_path(scope["path"]):
+        if scope["type"] != "http" or is_open_request(scope["method"], scope["path"]):
             await self.app(scope, receive, send)
             return
         access = self._access()
@@ -294,9 +357,9 @@ def declare_in_openapi(app, access: Callable[[], "AccessControl | None"]) -> Non
         schema.setdefault("components", {})["securitySchemes"] = SECURITY_SCHEMES
         problem = {"application/problem+json": {"schema": Problem.model_json_schema()}}
         for path, operations in schema.get("paths", {}).items():
-            if is_open_path(path):
-                continue
-            for operation in operations.values():
+            for method, operation in operations.items():
+                if is_open_request(method.upper(), path):
+                    continue
                 operation["security"] = [{"ApiKey": []}, {"Bearer": []}]
                 responses = operation.setdefault("responses", {})
                 responses.setdefault("401", {"description": "No valid API key (where keys are configured)",

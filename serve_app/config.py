@@ -141,7 +141,8 @@ class AuthConfig(BaseModel):
 
     api_keys_file: str | None = Field(
         None, description="A file of API keys, one per line, optionally `name:key`; `#` starts a comment. "
-                          "Keys in the STRATA_API_KEYS environment variable (comma-separated) count too.",
+                          "Keys in the STRATA_API_KEYS environment variable (comma-separated) count too. "
+                          "A source that is set but holds no key is a startup error.",
     )
     rate_limit: str | None = Field(
         None, description="Requests allowed per key (per client address when no keys are set), e.g. `60/minute`, "
@@ -181,8 +182,17 @@ class CorsConfig(BaseModel):
     )
     allow_credentials: bool = Field(
         False, description="Let other origins' pages send cookies (they send keys in headers; "
-                           "the key cookie is for Strata's own page).")
+                           "the key cookie is for Strata's own page). Not with `*` in allow_origins.")
     max_age_s: int = Field(600, ge=0, description="How long browsers may cache a preflight answer.")
+
+    @model_validator(mode="after")
+    def _no_credentials_for_any_origin(self) -> "CorsConfig":
+        # Starlette answers a credentialed request from any origin by echoing that
+        # origin: every site on the web could then call the API as the browser's user.
+        if "*" in self.allow_origins and self.allow_credentials:
+            raise ValueError("cors.allow_origins '*' cannot be combined with allow_credentials: true "
+                             "(any site could call the API with the browser's cookies); list the origins instead")
+        return self
 
 
 class AppConfig(BaseModel):

@@ -12,16 +12,29 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 from starlette.testclient import TestClient
 
-from serve_app.access import COOKIE, AccessControl, AccessMiddleware, is_open_path, parse_keys, request_owner
+from serve_app.access import (
+    COOKIE,
+    HTTPS_COOKIE,
+    AccessControl,
+    AccessMiddleware,
+    is_open_path,
+    is_open_request,
+    parse_keys,
+    request_owner,
+)
 from serve_app.config import AppConfig, AuthConfig
+
+METHODS = ["GET", "POST", "DELETE"]
+HTTPS = {"X-Forwarded-Proto": "https"}  # as a TLS-ending proxy says the browser came
 
 
 def app_with(access: AccessControl) -> TestClient:
     async def whoami(request):
         return PlainTextResponse(str(await request_owner(request)))
 
-    app = Starlette(routes=[Route("/v1/whoami", whoami, methods=["GET", "POST", "DELETE"]),
-                            Route("/healthz", whoami)])
+    # /api/ and /v1.0/ stand for the compatible APIs.
+    app = Starlette(routes=[Route(f"{prefix}/whoami", whoami, methods=METHODS) for prefix in ("/v1", "/api", "/v1.0")]
+                    + [Route("/healthz", whoami)])
     app.add_middleware(AccessMiddleware, access=lambda: access)
     return TestClient(app)
 
@@ -49,6 +62,31 @@ def test_no_keys_means_the_api_is_open():
     assert app_with(access).get("/v1/whoami").text == "None"
 
 
+def test_keys_file_without_a_key_is_a_startup_error_naming_it(tmp_path):
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("# alice:to-be-added\n\n")
+    with pytest.raises(ValueError, match=f"{keys_file} is set but holds no API key"):
+        AccessControl.from_config(AuthConfig(api_keys_file=str(keys_file)), {})
+
+
+@pytest.mark.parametrize("value", ["", " , "])
+def test_environment_variable_without_a_key_is_a_startup_error_naming_it(value):
+    with pytest.raises(ValueError, match=r"\$STRATA_API_KEYS is set but holds no API key"):
+        AccessControl.from_config(AuthConfig(), {"STRATA_API_KEYS": value})
+
+
+def test_an_entry_with_a_colon_is_a_name_and_a_key():
+    access = AccessControl(parse_keys(["alice:sk:with-colon"], "test"))
+    assert access.identify("sk:with-colon") == "name:alice"
+    assert access.identify("alice:sk:with-colon") is None
+
+
+def test_non_ascii_key_is_a_startup_error_that_does_not_show_the_key():
+    with pytest.raises(ValueError, match="printable ASCII") as raised:
+        parse_keys(["# keys", "alice:clé-secrète"], "keys.txt")
+    assert "keys.txt, entry 2" in str(raised.value) and "secr" not in str(raised.value)
+
+
 def test_malformed_key_entry_is_a_startup_error_that_does_not_show_the_key():
     with pytest.raises(ValueError) as raised:
         parse_keys(["alice:has a-space-secret"], "keys.txt")
@@ -66,6 +104,12 @@ def test_unparseable_rate_limit_is_a_config_error():
                                   "auth": {"rate_limit": "lots"}})
 
 
+def test_any_origin_with_credentials_is_a_config_error():
+    with pytest.raises(ValueError, match="allow_origins '\\*' cannot be combined with allow_credentials"):
+        AppConfig.model_validate({"segmentation": {"c": {"engine": "classic"}}, "default_model": "c",
+                                  "cors": {"allow_origins": ["*"], "allow_credentials": True}})
+
+
 @pytest.mark.parametrize("path", ["/", "/healthz", "/docs", "/openapi.json", "/static/app.js", "/redoc"])
 def test_open_paths(path):
     assert is_open_path(path)
@@ -76,6 +120,11 @@ def test_open_paths(path):
                                   "/v1/remove-background", "/nothing-here"])
 def test_paths_that_need_a_key(path):
     assert not is_open_path(path)
+
+
+def test_signing_out_is_open_but_reading_or_making_a_session_is_not():
+    assert is_open_request("DELETE", "/v1/session")
+    assert not is_open_request("GET", "/v1/session") and not is_open_request("POST", "/v1/session")
 
 
 def test_caller_is_recorded_by_key_id():
@@ -119,6 +168,35 @@ def test_the_page_cookie_counts_on_a_change_only_with_x_requested_with(method):
 def test_the_page_cookie_is_percent_decoded():
     client = app_with(AccessControl(parse_keys(['k;e"y,1'], "test")))
     assert client.get("/v1/whoami", headers={"Cookie": f"{COOKIE}=k%3Be%22y%2C1"}).status_code == 200
+
+
+def test_over_https_the_page_cookie_is_the_host_prefixed_one():
+    client = app_with(AccessControl(parse_keys(["alice:k-alice"], "test")))
+    response = client.get("/v1/whoami", headers={**HTTPS, "Cookie": f"{HTTPS_COOKIE}=k-alice"})
+    assert (response.status_code, response.text) == (200, "name:alice")
+
+
+def test_over_https_the_plain_cookie_is_no_key():
+    # Any host of the site (a sibling subdomain) can set the plain name; none but ours the prefixed one.
+    client = app_with(AccessControl(parse_keys(["alice:k-alice"], "test")))
+    assert client.get("/v1/whoami", headers={**HTTPS, "Cookie": f"{COOKIE}=k-alice"}).status_code == 401
+
+
+@pytest.mark.parametrize(("name", "scheme"), [(COOKIE, {}), (HTTPS_COOKIE, HTTPS)])
+def test_a_page_cookie_sent_twice_is_no_key(name, scheme):
+    # One of them was tossed in by another host; which one is the page's own cannot be told.
+    client = app_with(AccessControl(parse_keys(["alice:k-alice", "mallory:k-mallory"], "test")))
+    response = client.get("/v1/whoami", headers={**scheme, "Cookie": f"{name}=k-alice; theme=dark; {name}=k-mallory"})
+    assert response.status_code == 401 and "needs an API key" in response.text
+
+
+@pytest.mark.parametrize("path", ["/api/whoami", "/v1.0/whoami"])
+@pytest.mark.parametrize("method", METHODS)
+def test_the_page_cookie_does_not_count_on_the_compatible_apis(path, method):
+    client = app_with(AccessControl(parse_keys(["alice:k-alice"], "test")))
+    cookie = {"Cookie": f"{COOKIE}=k-alice", "X-Requested-With": "strata-web"}
+    assert client.request(method, path, headers=cookie).status_code == 401
+    assert client.request(method, path, headers={"X-Api-Key": "k-alice"}).text == "name:alice"
 
 
 def test_a_header_key_wins_over_the_page_cookie():

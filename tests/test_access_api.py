@@ -21,7 +21,7 @@ from tests.test_remove_background_api import assert_problem, red_disc_png
 pytestmark = pytest.mark.own_deployment
 
 KEYS = {name: f"sk-{name}-{secrets.token_urlsafe(24)}"
-        for name in ("alice", "bob", "dave", "erin", "frank", "grace")}
+        for name in ("alice", "bob", "dave", "erin", "frank", "grace", "heidi")}
 RATE = 30  # per minute, per key
 ORIGIN = "https://app.example"
 IMAGE, _ = red_disc_png(160, 120)
@@ -33,7 +33,7 @@ def secured(serve_instance, tiny_models_dir, data_dir, tmp_path_factory) -> str:
     keys_file = tmp_path_factory.mktemp("keys") / "api-keys"
     # alice is named; the others are bare keys (their id is a digest).
     keys_file.write_text("# Strata API keys\n" + f"alice:{KEYS['alice']}\n"
-                         + "".join(f"{KEYS[name]}\n" for name in ("bob", "dave", "erin", "frank", "grace")))
+                         + "".join(f"{KEYS[name]}\n" for name in ("bob", "dave", "erin", "frank", "grace", "heidi")))
     config = tiny_config(tiny_models_dir, data_dir)
     args = config["applications"][0]["args"]
     args["auth"] = {"api_keys_file": str(keys_file), "rate_limit": f"{RATE}/minute"}
@@ -120,6 +120,11 @@ def test_openapi_declares_the_key_schemes_on_api_routes_only(anonymous):
     assert "security" not in schema["paths"]["/healthz"]["get"]
 
 
+def test_openapi_declares_signing_out_open(anonymous):
+    session = anonymous.get("/openapi.json").json()["paths"]["/v1/session"]
+    assert "security" not in session["delete"] and "security" in session["get"]
+
+
 # --- a key sees only its own jobs -------------------------------------------------------------------
 
 
@@ -164,9 +169,12 @@ def test_sign_in_keeps_the_key_in_an_http_only_same_site_cookie(anonymous):
     assert KEYS["grace"] not in response.text
 
 
-def test_sign_in_cookie_is_secure_behind_an_https_proxy(anonymous):
+def test_sign_in_behind_an_https_proxy_sets_the_host_prefixed_secure_cookie(anonymous):
+    # __Host-: browsers accept it only Secure, with Path=/ and no Domain, so no other host can set it.
     response = anonymous.post("/v1/session", headers={"X-Api-Key": KEYS["grace"], "X-Forwarded-Proto": "https"})
-    assert "secure" in response.headers["set-cookie"].lower()
+    cookie = response.headers["set-cookie"]
+    assert cookie.startswith("__Host-strata_key=")
+    assert "secure" in cookie.lower() and "path=/;" in cookie.lower() and "domain" not in cookie.lower()
 
 
 def test_the_signed_in_cookie_alone_opens_the_api(secured):
@@ -201,6 +209,39 @@ def test_sign_out_removes_the_cookie(secured):
         assert browser.delete("/v1/session", headers={"X-Requested-With": "strata-web"}).status_code == 204
         assert not browser.cookies
         assert_problem(browser.get("/v1/jobs"), 401, "API key")
+
+
+def test_sign_out_behind_an_https_proxy_clears_the_host_prefixed_cookie(anonymous):
+    response = anonymous.delete("/v1/session", headers={"X-Forwarded-Proto": "https"})
+    assert response.status_code == 204
+    cookie = response.headers["set-cookie"].lower()
+    assert cookie.startswith("__host-strata_key=") and "max-age=0" in cookie and "secure" in cookie
+
+
+def assert_clears_the_cookie(response: httpx.Response) -> None:
+    assert response.status_code == 204
+    cookie = response.headers["set-cookie"].lower()
+    assert cookie.startswith("strata_key=") and "max-age=0" in cookie
+
+
+def test_sign_out_clears_the_cookie_of_a_key_no_longer_accepted(anonymous):
+    revoked = {"Cookie": "strata_key=sk-revoked", "X-Requested-With": "strata-web"}
+    assert_clears_the_cookie(anonymous.delete("/v1/session", headers=revoked))
+
+
+def test_sign_out_clears_the_cookie_of_a_key_past_its_rate(anonymous, secured):
+    spend_rate(secured, "heidi")
+    limited = {"Cookie": f"strata_key={KEYS['heidi']}", "X-Requested-With": "strata-web"}
+    assert_clears_the_cookie(anonymous.delete("/v1/session", headers=limited))
+
+
+def test_the_signed_in_cookie_does_not_open_the_compatible_apis(secured):
+    # Their clients send header keys; with the cookie, a link could make the service fetch a URL.
+    with httpx.Client(base_url=secured, timeout=60) as browser:
+        browser.post("/v1/session", headers={"X-Api-Key": KEYS["grace"]})
+        refused = browser.get("/api/remove", params={"url": "https://example.com/photo.png"})
+        assert refused.status_code == 401 and "API key" in refused.json()["detail"]
+        assert browser.get("/api/health").status_code == 401
 
 
 # --- rate limits --------------------------------------------------------------------------------------

@@ -98,3 +98,32 @@ def test_forget_key_signs_the_page_out(page_ui):
     assert page.context.cookies() == []
     page.reload()
     expect(page.locator("#key-dialog")).to_be_visible(timeout=SLOW_MS)
+
+
+def sign_in_and_settle(ui: UI) -> None:
+    """Sign in, then wait until the page has loaded what it shows and makes no more calls."""
+    sign_in(ui)
+    expect(ui.page.locator("#model")).to_be_enabled(timeout=SLOW_MS)
+    expect(ui.page.locator("#jobs-empty")).to_contain_text("No layer jobs yet")
+
+
+def test_forget_key_signs_out_a_key_no_longer_accepted(page_ui, keyed):
+    page = page_ui.page
+    sign_in_and_settle(page_ui)
+    # As if the operator had revoked the key since: the browser holds one the service refuses.
+    page.context.add_cookies([{"name": "strata_key", "value": "sk-revoked", "url": keyed}])
+    page.locator("#key-button").click()
+    expect(page.locator("#key-dialog")).to_be_visible()
+    assert page.context.cookies() == []
+
+
+def test_forget_key_that_does_not_reach_the_service_says_the_key_is_kept(page_ui):
+    page = page_ui.page
+    sign_in_and_settle(page_ui)
+    page.context.set_offline(True)
+    page.locator("#key-button").click()
+    expect(page.locator("#result-error")).to_contain_text("The key was not forgotten")
+    expect(page.locator("#key-button")).to_have_text("Forget key")
+    expect(page.locator("#key-dialog")).to_be_hidden()
+    page.context.set_offline(False)
+    assert [cookie["name"] for cookie in page.context.cookies()] == ["strata_key"]

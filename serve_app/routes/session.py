@@ -3,7 +3,7 @@
 A browser sends no header of the page's on what it fetches by itself (the job's
 event stream, layer images, download links); the cookie carries the key there.
 Scripts and other clients send the key with each request instead and need none of
-this (serve_app/access.py has the rules for both).
+this (serve_app/access.py has the rules for both, the cookie's name included).
 """
 
 from fastapi import APIRouter, Request, Response
@@ -13,11 +13,6 @@ from serve_app.schemas import Session
 from serve_app.service import CurrentService
 
 router = APIRouter()
-
-
-def _over_https(request: Request) -> bool:
-    """Whether the browser reached us over HTTPS (directly or through a TLS-ending proxy)."""
-    return request.url.scheme == "https" or request.headers.get("x-forwarded-proto") == "https"
 
 
 @router.get("/v1/session", summary="Whether keys are required, and the caller's key id",
@@ -32,12 +27,14 @@ async def sign_in(request: Request, response: Response, service: CurrentService)
     # The access middleware has checked the key already: a request here carries a valid
     # one, or keys are off (then there is nothing to keep).
     if service.access.keys_required:
-        set_key_cookie(response, presented_key(request.scope), secure=_over_https(request))
+        set_key_cookie(response, request.scope, presented_key(request.scope))
     return await session(request, service)
 
 
-@router.delete("/v1/session", summary="Sign the web page out: remove the key's cookie", status_code=204)
+@router.delete("/v1/session", summary="Sign the web page out: remove the key's cookie (no key needed)",
+               status_code=204)
 async def sign_out(request: Request) -> Response:
+    # Open (serve_app/access.py): a revoked or rate-limited key must still be forgettable.
     response = Response(status_code=204)
-    set_key_cookie(response, None, secure=_over_https(request))
+    set_key_cookie(response, request.scope, None)
     return response

@@ -424,6 +424,10 @@ class JobStore:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
+    def now(self) -> datetime:
+        """The store's current time (aware UTC): what it stamps on the jobs it changes."""
+        return self._now()
+
     def _now(self, now: datetime | None = None) -> datetime:
         now = now if now is not None else self._clock()
         if now.tzinfo is None:
@@ -698,16 +702,21 @@ class JobStore:
         *,
         result: Mapping[str, Any] | None = None,
         error: str | None = None,
+        now: datetime | None = None,
     ) -> bool:
         """End a running job held by ``owner`` with a terminal status. False when
         the job is not running under this owner any more (its lease was taken
         over, it was cancelled while unheld, or deleted): the caller's outcome is
         then discarded. A job that succeeds although a cancel was requested stays
-        succeeded (the work is done; DELETE removes it)."""
+        succeeded (the work is done; DELETE removes it).
+
+        :param now: the finish time (default: the store's clock), for a caller that
+            already wrote it into the job's results.
+        """
         status = JobStatus(status)
         if not status.terminal:
             raise ValueError(f"finish needs a terminal status, not {status.value!r}")
-        now = self._now()
+        now = self._now(now)
         values: dict[str, Any] = {
             "status": status.value,
             "finished_at": now,

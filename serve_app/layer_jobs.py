@@ -174,8 +174,10 @@ class LayerJobRunner:
                 await self._finish(job.id, owner, JobStatus.CANCELLED)
                 return
             model_ms = (time.perf_counter() - started) * 1000
-            result = await run_in_threadpool(self._store_layers, job, layers, engine, model_ms)
-            await self._finish(job.id, owner, JobStatus.SUCCEEDED, result=result)
+            # One finish time for the manifest and the row: the manifest is written first.
+            finished_at = self.store.now()
+            result = await run_in_threadpool(self._store_layers, job, layers, engine, model_ms, finished_at)
+            await self._finish(job.id, owner, JobStatus.SUCCEEDED, result=result, now=finished_at)
         except asyncio.CancelledError:
             raise  # this ingress is stopping: the lease lapses and another dispatch resumes
         except Exception as exc:
@@ -220,7 +222,8 @@ class LayerJobRunner:
         await run_in_threadpool(lambda: self.store.finish(job_id, owner, status, **outcome))
         await self._publish_status(job_id)
 
-    def _store_layers(self, job: Job, layers: list[np.ndarray], engine: str, model_ms: float) -> dict[str, Any]:
+    def _store_layers(self, job: Job, layers: list[np.ndarray], engine: str, model_ms: float,
+                      finished_at: datetime) -> dict[str, Any]:
         names = [f"Layer {i} (background)" if i == 1 else f"Layer {i}" for i in range(1, len(layers) + 1)]
         for index, layer in enumerate(layers, start=1):
             self.storage.put(layer_key(job.id, index), imaging.encode_png(np.ascontiguousarray(layer)))
@@ -231,7 +234,7 @@ class LayerJobRunner:
         queue_ms = ((job.started_at - job.created_at).total_seconds() * 1000) if job.started_at else 0.0
         manifest = exports.build_manifest(
             job_id=job.id, layers=info, width=width, height=height, model=job.params["model"], engine=engine,
-            params=job.params, created_at=job.created_at, started_at=job.started_at,
+            params=job.params, created_at=job.created_at, started_at=job.started_at, finished_at=finished_at,
             timings={"queue_ms": queue_ms, "model_ms": model_ms},
         )
         self.storage.put(manifest_key(job.id), json.dumps(manifest, indent=2).encode())

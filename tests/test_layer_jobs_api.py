@@ -149,6 +149,14 @@ def test_manifest_matches_the_job(client, finished_classic_job):
     assert manifest["params"]["layers"] == 4 and "model_ms" in manifest["timings"]
 
 
+def test_manifest_says_when_the_job_finished(client, finished_classic_job):
+    finished_at = finished_classic_job["finished_at"]
+    assert finished_at is not None
+    assert client.get(finished_classic_job["result"]["manifest_url"]).json()["finished_at"] == finished_at
+    archive = zipfile.ZipFile(io.BytesIO(client.get(finished_classic_job["result"]["zip_url"]).content))
+    assert json.loads(archive.read("manifest.json"))["finished_at"] == finished_at
+
+
 def test_tiny_qwen_job_streams_one_progress_event_per_step(client):
     data, _ = red_disc_png(64, 48)
     job = submit(client, data, **QWEN).json()
@@ -266,10 +274,18 @@ def test_unknown_job_is_a_404_problem(client):
     assert_problem(client.get("/v1/jobs/AAAAAAAAAAAAAAAAAAAAAA"), 404, "no job")
 
 
+def test_a_malformed_job_id_is_the_404_of_an_unknown_job(client):
+    for method, path in (("GET", "/v1/jobs/nope"), ("GET", "/v1/jobs/nope/events"),
+                         ("GET", "/v1/jobs/nope/layers/1.png"), ("GET", "/v1/jobs/nope/result.zip"),
+                         ("GET", "/v1/jobs/nope/result.psd"), ("GET", "/v1/jobs/nope/result.pptx"),
+                         ("GET", "/v1/jobs/nope/manifest.json"), ("DELETE", "/v1/jobs/nope")):
+        assert_problem(client.request(method, path), 404, "there is no job nope")
+
+
 def test_path_traversal_in_a_job_id_finds_nothing(client):
     for path in ("/v1/jobs/..%2F..%2Fetc%2Fpasswd", "/v1/jobs/%2E%2E/layers/1.png",
                  "/v1/jobs/AAAAAAAAAAAAAAAAAAAAAA/layers/..%2Finput.png"):
-        assert client.get(path).status_code in (404, 422)
+        assert client.get(path).status_code == 404
 
 
 def test_bad_layer_parameters_are_refused(client, design):

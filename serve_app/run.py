@@ -7,6 +7,8 @@ a SIGTERM to this process reaches it as the Ctrl-C it handles well.
 
 It also runs the Ray it starts with Strata's serving environment (`SERVING_ENV`):
 Ray Serve's fast request path and memory settings that spare requests page faults.
+Under that fast path replicas do not log to the terminal, so once the service
+answers this command says so, and names each model that fell back to another engine.
 """
 
 from __future__ import annotations
@@ -17,7 +19,13 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
+from typing import Any
+
+import httpx
+import yaml
 
 # Ray Serve's high-throughput request path (Ray >= 2.56, documented for KubeRay):
 # HAProxy (bundled with ray[serve]) takes HTTP on the configured port and hands it
@@ -123,12 +131,85 @@ def free_port() -> int:
         return port
 
 
+# How long this command waits for every model to load before it says the service is
+# not ready yet (first loads of large weights, or their download, can take longer).
+READY_TIMEOUT_S = 600.0
+# Where the replicas' logs are (the fast path keeps them off the terminal).
+REPLICA_LOGS = "/tmp/ray/session_latest/logs/serve/"
+
+
+def service_url(argv: list[str]) -> str:
+    """The base URL Strata answers at once `serve run argv...` deployed it: from the Serve
+    config file among `argv` (http_options, the Strata application's route_prefix),
+    Serve's defaults without one. A wildcard host is reached through 127.0.0.1."""
+    config: dict[str, Any] = {}
+    for arg in argv:
+        if arg.endswith((".yaml", ".yml")) and Path(arg).is_file():
+            config = yaml.safe_load(Path(arg).read_text()) or {}
+            break
+    http = config.get("http_options") or {}
+    host = str(http.get("host") or "127.0.0.1")
+    host = "127.0.0.1" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host
+    apps = config.get("applications") or [{}]
+    app = next((a for a in apps if str(a.get("import_path", "")).startswith("serve_app.")), apps[0])
+    prefix = str(app.get("route_prefix") or "/").rstrip("/")
+    return f"http://{host}:{http.get('port', 8000)}{prefix}"
+
+
+def ready_lines(base: str, health: dict[str, Any]) -> list[str]:
+    """What to tell the terminal about a service whose `GET /v1/health` answered `health`:
+    where it is ready with which models, then one line per model that fell back."""
+    models = {**health.get("models", {}), **health.get("layer_models", {})}
+    names = f"models: {', '.join(health.get('models', {})) or 'none'}"
+    if health.get("layer_models"):
+        names += f"; layer models: {', '.join(health['layer_models'])}"
+    lines = [f"Strata is ready at {base} ({names})"]
+    lines += [f"  {name} serves the {model.get('engine')} engine instead: {model['fallback_reason']}"
+              for name, model in models.items() if model.get("fallback_reason")]
+    return lines
+
+
+def _get_health(base: str, timeout_s: float) -> tuple[int, dict[str, Any] | None]:
+    """The status of `GET base/v1/health` and its JSON when it is 200 (401 where keys are
+    on; Serve's own 404 before the app is up); (0, None) while nothing answers."""
+    try:
+        # trust_env=False: a proxy configured for the outside must not carry a local request.
+        response = httpx.get(f"{base}/v1/health", timeout=timeout_s, trust_env=False)
+        return response.status_code, response.json() if response.status_code == 200 else None
+    except (httpx.HTTPError, ValueError):  # not listening yet, reset, timed out, not JSON
+        return 0, None
+
+
+def announce_when_ready(base: str, child: subprocess.Popen, timeout_s: float = READY_TIMEOUT_S,
+                        poll_s: float = 0.5) -> None:
+    """Print that Strata is ready (see `ready_lines`) once its /v1/health answers with every
+    model loaded, or, past `timeout_s`, that it is not; give up quietly when `child` exits."""
+    deadline = time.monotonic() + timeout_s
+    health = None
+    while child.poll() is None and time.monotonic() < deadline:
+        status, health = _get_health(base, timeout_s=max(1.0, min(30.0, deadline - time.monotonic())))
+        if status == 401:
+            print(f"Strata is ready at {base} (API keys are on: GET /v1/health with a key lists the models)",
+                  flush=True)
+            return
+        if status == 200 and health.get("status") == "ok":
+            print("\n".join(ready_lines(base, health)), flush=True)
+            return
+        time.sleep(poll_s)
+    if child.poll() is None:
+        models = {**(health or {}).get("models", {}), **(health or {}).get("layer_models", {})}
+        loading = [name for name, model in models.items() if not model.get("loaded")]
+        waiting = f" (not loaded yet: {', '.join(loading)})" if loading else ""
+        print(f"Strata is not ready at {base} after {timeout_s:g} s{waiting}; "
+              f"the replica logs are under {REPLICA_LOGS}", flush=True)
+
+
 def _default_sigint() -> None:
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def main(argv: list[str]) -> int:
-    """Run `serve run argv...` until it exits; returns its exit status."""
+    """Run `serve run argv...` until it exits, saying when the service is ready; returns its exit status."""
     child = subprocess.Popen(
         [sys.executable, "-c", "from ray.serve.scripts import cli; cli()", "run", *argv],
         env={**SERVING_ENV, **os.environ},
@@ -139,6 +220,9 @@ def main(argv: list[str]) -> int:
     # A terminal's Ctrl-C already reaches the child (same process group).
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGINT))
+    # In a daemon thread: the main one only waits for the child, so a stop signal is
+    # handled at once, and the process ends with the child whatever the watch is doing.
+    threading.Thread(target=announce_when_ready, args=(service_url(argv), child), daemon=True).start()
     return child.wait()
 
 

@@ -51,10 +51,29 @@ def start_make_run(tmp_path, config: dict) -> tuple[subprocess.Popen, str]:
     # Without the serving environment, which the test session sets: `make run` sets it itself.
     env = {**{k: v for k, v in os.environ.items() if k not in SERVING_ENV},
            "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", **spare_serve_ports()}
-    process = subprocess.Popen([sys.executable, "-m", "serve_app.run", str(config_path)],
-                               cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                               start_new_session=True)
+    # What a terminal would show, in a file (a pipe nobody reads would fill and block it).
+    with output_path(tmp_path).open("wb") as output:
+        process = subprocess.Popen([sys.executable, "-m", "serve_app.run", str(config_path)],
+                                   cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
     return process, f"http://127.0.0.1:{port}"
+
+
+def output_path(tmp_path) -> Path:
+    """Where `start_make_run` writes what the command prints."""
+    return tmp_path / "make-run.out"
+
+
+def wait_for_line(tmp_path, process: subprocess.Popen, start: str, timeout_s: float = 180) -> list[str]:
+    """The command's output lines once one starts with `start` (polling, bounded)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        lines = output_path(tmp_path).read_text(errors="replace").splitlines()
+        if any(line.startswith(start) for line in lines):
+            return lines
+        assert process.poll() is None, "the server exited before printing " + start
+        time.sleep(0.5)
+    pytest.fail(f"no line starting {start!r} within {timeout_s} s")
 
 
 def assert_stops_cleanly(process: subprocess.Popen, stop: Callable[[subprocess.Popen], None]) -> None:
@@ -103,6 +122,29 @@ def test_make_run_serves_local_yaml_through_haproxy_and_stops_on_sigterm(tmp_pat
         for deployment, replica in replicas:
             expected = {**MEMORY_ENV, **CPU_MODEL_MEMORY_ENV} if deployment in segmenters else MEMORY_ENV
             assert expected.items() <= replica.environ().items(), deployment
+        assert_stops_cleanly(process, lambda server: server.send_signal(signal.SIGTERM))
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_make_run_says_when_it_is_ready_and_which_models_fell_back(tmp_path):
+    # Under Serve's fast path the replicas log to files only: the terminal has this line.
+    config = load_config("local.yaml")  # its birefnet falls back to classic here (no weights, offline)
+    args = config["applications"][0]["args"]
+    args.update(default_model="birefnet", segmentation={"birefnet": args["segmentation"]["birefnet"]},
+                default_layer_model="classic", layered={"classic": {"engine": "classic"}})
+    args.pop("compat")
+    app = config["applications"][0]
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", "birefnet")]
+    process, base = start_make_run(tmp_path, config)
+    try:
+        lines = wait_for_line(tmp_path, process, "Strata is ready at")
+        assert f"Strata is ready at {base} (models: birefnet; layer models: classic)" in lines
+        fallback = [line for line in lines if line.startswith("  birefnet serves the classic engine instead: ")]
+        assert len(fallback) == 1 and "ZhengPeng7/BiRefNet" in fallback[0]
+        # Ready means ready: the first request after the line is served.
+        assert httpx.get(f"{base}/v1/health", timeout=30).json()["status"] == "ok"
         assert_stops_cleanly(process, lambda server: server.send_signal(signal.SIGTERM))
     finally:
         if process.poll() is None:

@@ -275,25 +275,38 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         access = self._access()
+        client = scope.get("client")
+        address = client[0] if client else "unknown"
         if access.keys_required:
             presented = presented_key(scope)
             who = access.identify(presented)
             if who is None:
+                # Wrong keys count against the rate of the address they come from: at
+                # the configured rate, guessing a key is not a matter of sending more.
+                if presented is not None and await self._rate_limited(access, f"wrong-key:{address}",
+                                                                      scope, receive, send):
+                    return
                 await self._unauthorized(scope, receive, send, missing=presented is None)
                 return
             scope[_OWNER_SCOPE_KEY] = who
         else:
-            client = scope.get("client")
-            who = f"address:{client[0] if client else 'unknown'}"
-        retry_after = access.retry_after(who)
-        if retry_after is not None:
-            response = self._refusal(
-                scope, 429, "Too many requests",
-                f"the rate limit of {access.describe_limit()} is used up; retry in {retry_after} s",
-                slug="rate-limited", headers={"Retry-After": str(retry_after)})
-            await response(scope, receive, send)
+            who = f"address:{address}"
+        if await self._rate_limited(access, who, scope, receive, send):
             return
         await self.app(scope, receive, send)
+
+    async def _rate_limited(self, access: AccessControl, who: str, scope: Scope, receive: Receive,
+                            send: Send) -> bool:
+        """Count a request of `who`; past the rate, answer it 429 and say so."""
+        retry_after = access.retry_after(who)
+        if retry_after is None:
+            return False
+        response = self._refusal(
+            scope, 429, "Too many requests",
+            f"the rate limit of {access.describe_limit()} is used up; retry in {retry_after} s",
+            slug="rate-limited", headers={"Retry-After": str(retry_after)})
+        await response(scope, receive, send)
+        return True
 
     async def _unauthorized(self, scope: Scope, receive: Receive, send: Send, *, missing: bool) -> None:
         detail = ("this service needs an API key: send it as 'Authorization: Bearer <key>' or 'X-Api-Key: <key>'"

@@ -210,6 +210,19 @@ def test_without_keys_the_rate_limit_counts_per_client_address():
     assert [client.get("/v1/whoami").status_code for _ in range(4)] == [200, 200, 200, 429]
 
 
+def test_wrong_keys_are_rate_limited_per_address_and_a_right_key_still_passes():
+    client = app_with(AccessControl(parse_keys(["right"], "test"), "3/minute"))
+    guesses = [client.get("/v1/whoami", headers={"X-Api-Key": f"guess-{i}"}) for i in range(4)]
+    assert [response.status_code for response in guesses] == [401, 401, 401, 429]
+    assert int(guesses[-1].headers["Retry-After"]) >= 1
+    assert client.get("/v1/whoami", headers={"X-Api-Key": "right"}).status_code == 200
+
+
+def test_requests_without_a_key_are_not_counted_as_guesses():
+    client = app_with(AccessControl(parse_keys(["right"], "test"), "1/minute"))
+    assert [client.get("/v1/whoami").status_code for _ in range(3)] == [401, 401, 401]
+
+
 def test_open_paths_are_not_rate_limited():
     client = app_with(AccessControl([], "1/minute"))
     assert [client.get("/healthz").status_code for _ in range(3)] == [200, 200, 200]

@@ -128,16 +128,22 @@ def test_make_run_serves_local_yaml_through_haproxy_and_stops_on_sigterm(tmp_pat
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def test_make_run_says_when_it_is_ready_and_which_models_fell_back(tmp_path):
-    # Under Serve's fast path the replicas log to files only: the terminal has this line.
-    config = load_config("local.yaml")  # its birefnet falls back to classic here (no weights, offline)
+def local_yaml_with_one_model(name: str) -> dict:
+    """configs/local.yaml serving only its segmentation model `name` and the classic layer model."""
+    config = load_config("local.yaml")
     args = config["applications"][0]["args"]
-    args.update(default_model="birefnet", segmentation={"birefnet": args["segmentation"]["birefnet"]},
+    args.update(default_model=name, segmentation={name: args["segmentation"][name]},
                 default_layer_model="classic", layered={"classic": {"engine": "classic"}})
     args.pop("compat")
     app = config["applications"][0]
-    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", "birefnet")]
-    process, base = start_make_run(tmp_path, config)
+    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", name)]
+    return config
+
+
+def test_make_run_says_when_it_is_ready_and_which_models_fell_back(tmp_path):
+    # Under Serve's fast path the replicas log to files only: the terminal has this line.
+    # local.yaml's birefnet falls back to classic here (no weights, offline).
+    process, base = start_make_run(tmp_path, local_yaml_with_one_model("birefnet"))
     try:
         lines = wait_for_line(tmp_path, process, "Strata is ready at")
         assert f"Strata is ready at {base} (models: birefnet; layer models: classic)" in lines
@@ -153,14 +159,7 @@ def test_make_run_says_when_it_is_ready_and_which_models_fell_back(tmp_path):
 
 def test_ctrl_c_stops_make_run_cleanly(tmp_path):
     # One weights-free model is enough to see the whole Ray shut down.
-    config = load_config("local.yaml")
-    args = config["applications"][0]["args"]
-    args.update(default_model="classic", segmentation={"classic": {"engine": "classic"}},
-                default_layer_model="classic", layered={"classic": {"engine": "classic"}})
-    args.pop("compat")
-    app = config["applications"][0]
-    app["deployments"] = [d for d in app["deployments"] if d["name"] in ("Ingress", "classic")]
-    process, base = start_make_run(tmp_path, config)
+    process, base = start_make_run(tmp_path, local_yaml_with_one_model("classic"))
     try:
         wait_until_healthy(base, process)
         # A terminal's Ctrl-C signals the whole foreground process group.

@@ -43,6 +43,7 @@ from __future__ import annotations
 import base64
 import binascii
 import enum
+import re
 import secrets
 import sqlite3
 import time
@@ -88,6 +89,7 @@ from sqlalchemy.schema import CreateColumn
 from sqlalchemy.types import TypeDecorator
 
 __all__ = [
+    "JOB_ID_PATTERN",
     "Job",
     "JobStatus",
     "JobStore",
@@ -145,6 +147,11 @@ class QueueFull(Exception):
 def new_job_id() -> str:
     """An unguessable job id: 128 random bits, URL-safe (22 characters)."""
     return secrets.token_urlsafe(16)
+
+
+# What a job id can be (new_job_id's, with room): anything else names no job, and is
+# turned away before the store is asked.
+JOB_ID_PATTERN = re.compile(r"[A-Za-z0-9_-]{16,64}")
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,7 +33,7 @@ from serve_app import exports, imaging
 from serve_app.access import AccessControl
 from serve_app.config import AppConfig
 from serve_app.cpu_steps import CpuSteps
-from serve_app.jobs import Job, JobStatus, JobStore, QueueFull, new_job_id
+from serve_app.jobs import JOB_ID_PATTERN, Job, JobStatus, JobStore, QueueFull, new_job_id
 from serve_app.layer_jobs import KIND, LayerJobRunner, input_key, layer_key, manifest_key
 from serve_app.problems import ProblemError
 from serve_app.schemas import Health, LayersParams, ModelHealth, RemoveBackgroundParams
@@ -311,8 +311,9 @@ class StrataService:
         return name
 
     async def job(self, job_id: str, *, owner: str | None) -> Job:
-        """The job when `owner` may see it, or a 404."""
-        job = await run_in_threadpool(self.jobs.store.get, job_id)
+        """The job when `owner` may see it, or a 404 (also for an id no job can have,
+        without asking the store)."""
+        job = await run_in_threadpool(self.jobs.store.get, job_id) if JOB_ID_PATTERN.fullmatch(job_id) else None
         if job is None or (owner is not None and job.owner != owner):
             raise ProblemError(404, "Not found", f"there is no job {job_id}", slug="not-found")
         return job

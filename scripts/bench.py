@@ -967,6 +967,30 @@ def _print_http(http: list[dict]) -> None:
 # --------------------------------------------------------------------------- transport (on request)
 
 
+def _serving_env() -> None:
+    """Strata's serving environment for the Ray this process starts (what it has not set already)."""
+    for name, value in {**SERVING_ENV, **spare_serve_ports(), "RAY_AUTH_MODE": "disabled"}.items():
+        os.environ.setdefault(name, value)
+
+
+def _on_own_ray(app, name: str, ask: Callable):
+    """Run Serve application `app` on a fresh local Ray in this process, await
+    `ask(handle)` on it, and stop both; returns the answer."""
+    import ray
+    from ray import serve
+
+    async def measure(handle):
+        answer = await ask(handle)
+        await serve.shutdown_async()
+        return answer
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
+    try:
+        return asyncio.run(measure(serve.run(app, name=name, route_prefix=None)))
+    finally:
+        ray.shutdown()
+
+
 TRANSPORT_SIZES = (58_000, 262_000, 786_000, 3_000_000, 6_000_000, 12_000_000, 48_000_000)
 
 
@@ -974,9 +998,7 @@ def bench_transport(settings: Settings) -> dict:
     """One call from a deployment to another by payload size, over gRPC and through Ray's
     object store, on a Ray of its own in this process under Serve's fast request path:
     the measurements behind serve_app.transport's threshold."""
-    for name, value in {**SERVING_ENV, **spare_serve_ports(), "RAY_AUTH_MODE": "disabled"}.items():
-        os.environ.setdefault(name, value)
-    import ray
+    _serving_env()
     from ray import serve
 
     @serve.deployment(ray_actor_options={"num_cpus": 0})
@@ -1004,17 +1026,8 @@ def bench_transport(settings: Settings) -> dict:
                     result.setdefault(str(size), {})[route] = statistics.median(times[3:])
             return result
 
-    async def measure(handle) -> dict:
-        timings = await handle.timings.remote(30 if settings.name == "quick" else 100)
-        await serve.shutdown_async()
-        return timings
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-    try:
-        handle = serve.run(Sender.bind(Receiver.bind()), name="transport", route_prefix=None)
-        timings = asyncio.run(measure(handle))
-    finally:
-        ray.shutdown()
+    timings = _on_own_ray(Sender.bind(Receiver.bind()), "transport",
+                          lambda handle: handle.timings.remote(30 if settings.name == "quick" else 100))
     print("\nA call between deployments by payload size (median ms; serve_app.transport sends by reference "
           f"above {BY_REFERENCE_ABOVE_BYTES / 1e6:.2f} MB)")
     print(f"  {'payload':>10}{'gRPC':>9}{'object store':>14}")
@@ -1032,9 +1045,7 @@ def bench_model_call(settings: Settings) -> dict:
     in alternation with the same engine call in the caller's process: the engine's speed
     in a replica against in-process, and what the call through Serve costs beyond it,
     with no HTTP and no ingress."""
-    for name, value in {**SERVING_ENV, **spare_serve_ports(), "RAY_AUTH_MODE": "disabled"}.items():
-        os.environ.setdefault(name, value)
-    import ray
+    _serving_env()
     from ray import serve
 
     from deployments.segmentation import SegmentationDeployment, SegmentationModelConfig
@@ -1076,16 +1087,7 @@ def bench_model_call(settings: Settings) -> dict:
         user_config={"max_batch_size": 8, "batch_wait_timeout_s": 0.05},
     ).bind("tiny", config)
 
-    async def measure(handle) -> dict[str, list[float]]:
-        times = await handle.timings.remote()
-        await serve.shutdown_async()
-        return times
-
-    ray.init(address="local", num_cpus=2, include_dashboard=False, configure_logging=False)
-    try:
-        times = asyncio.run(measure(serve.run(Caller.bind(model), name="model-call", route_prefix=None)))
-    finally:
-        ray.shutdown()
+    times = _on_own_ray(Caller.bind(model), "model-call", lambda handle: handle.timings.remote())
     beyond = [call - inside for call, inside in zip(times["call"], times["replica engine"])]
     result = {"rounds": rounds, "model_input_shape": list(model_input.shape),
               "p50_ms": {name: statistics.median(t) for name, t in times.items()},

@@ -1,9 +1,13 @@
-"""`python -m serve_app.run CONFIG`: `serve run CONFIG` that also stops cleanly on SIGTERM.
+"""`python -m serve_app.run CONFIG`: `serve run CONFIG` that stops cleanly however it is stopped.
 
 `serve run` shuts Serve and its local Ray down cleanly on Ctrl-C (SIGINT), but
 SIGTERM (what `kill`, systemd and `make` send) meets the handlers `ray.init`
-installs and ends the process abruptly. So `serve run` runs as a child here, and
-a SIGTERM to this process reaches it as the Ctrl-C it handles well.
+installs and ends the process abruptly, and a signal to a whole process group
+reaches some of Ray's processes and not others. So `serve run` runs as a child in a
+session of its own (serve_app/serve_session.py): Ctrl-C, SIGTERM and SIGHUP to this
+process, or to its group, reach it as the one Ctrl-C it handles well, and whatever
+Ray leaves once it exits is ended. A start first ends what a killed earlier run left
+(its run record under the data directory) and says in one line who holds a port it needs.
 
 It also runs the Ray it starts with Strata's serving environment (`SERVING_ENV`):
 Ray Serve's fast request path and memory settings that spare requests page faults.
@@ -13,6 +17,7 @@ answers this command says so, and names each model that fell back to another eng
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import signal
@@ -25,7 +30,12 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import psutil
 import yaml
+
+from serve_app.config import JobsConfig
+from serve_app.serve_session import (SERVE_GRACEFUL_SHUTDOWN_S, SHUTDOWN_MARGIN_S, RunRecord, ServeSession,
+                                     describe, end_processes, held_port_message, port_in_use)
 
 # Ray Serve's high-throughput request path (Ray >= 2.56, documented for KubeRay):
 # HAProxy (bundled with ray[serve]) takes HTTP on the configured port and hands it
@@ -142,17 +152,11 @@ def service_url(argv: list[str]) -> str:
     """The base URL Strata answers at once `serve run argv...` deployed it: from the Serve
     config file among `argv` (http_options, the Strata application's route_prefix),
     Serve's defaults without one. A wildcard host is reached through 127.0.0.1."""
-    config: dict[str, Any] = {}
-    for arg in argv:
-        if arg.endswith((".yaml", ".yml")) and Path(arg).is_file():
-            config = yaml.safe_load(Path(arg).read_text()) or {}
-            break
+    config = _load_serve_config(argv)
     http = config.get("http_options") or {}
     host = str(http.get("host") or "127.0.0.1")
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host
-    apps = config.get("applications") or [{}]
-    app = next((a for a in apps if str(a.get("import_path", "")).startswith("serve_app.")), apps[0])
-    prefix = str(app.get("route_prefix") or "/").rstrip("/")
+    prefix = str(_strata_app(config).get("route_prefix") or "/").rstrip("/")
     return f"http://{host}:{http.get('port', 8000)}{prefix}"
 
 
@@ -204,26 +208,97 @@ def announce_when_ready(base: str, child: subprocess.Popen, timeout_s: float = R
               f"the replica logs are under {REPLICA_LOGS}", flush=True)
 
 
-def _default_sigint() -> None:
-    signal.signal(signal.SIGINT, signal.SIG_DFL)
+def _load_serve_config(argv: list[str]) -> dict[str, Any]:
+    """The Serve config file among `argv`, as a dict; empty without one."""
+    for arg in argv:
+        if arg.endswith((".yaml", ".yml")) and Path(arg).is_file():
+            return yaml.safe_load(Path(arg).read_text()) or {}
+    return {}
+
+
+def _strata_app(config: dict[str, Any]) -> dict[str, Any]:
+    """The config's Strata application (the one built by serve_app), else its first."""
+    apps = config.get("applications") or [{}]
+    return next((a for a in apps if str(a.get("import_path", "")).startswith("serve_app.")), apps[0])
+
+
+def run_record_path(config: dict[str, Any]) -> Path:
+    """Where a launcher serving `config` keeps its RunRecord: under the app's data directory."""
+    jobs = (_strata_app(config).get("args") or {}).get("jobs") or {}
+    return Path(jobs.get("data_dir") or JobsConfig().data_dir) / "run.json"
+
+
+def stop_timeout_s(config: dict[str, Any]) -> float:
+    """How long a clean stop may take: the longest graceful shutdown of the config's
+    deployments (a running decomposition may finish), then Serve's and Ray's own."""
+    graceful = [float(d.get("graceful_shutdown_timeout_s") or SERVE_GRACEFUL_SHUTDOWN_S)
+                for app in config.get("applications") or [] for d in app.get("deployments") or []]
+    return max(graceful, default=SERVE_GRACEFUL_SHUTDOWN_S) + SHUTDOWN_MARGIN_S
+
+
+def needed_ports(config: dict[str, Any], env: dict[str, str]) -> list[tuple[str, int, str]]:
+    """(host, port, what for) of the fixed ports `serve run` will bind for `config` under `env`."""
+    http = config.get("http_options") or {}
+    host = str(http.get("host") or "127.0.0.1")
+    ports = [(host, int(http.get("port", 8000)), "Strata's HTTP API")]
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        ports += [("0.0.0.0", int(env.get("RAY_SERVE_HAPROXY_STATS_PORT", 8404)), "HAProxy's stats page"),
+                  ("0.0.0.0", int(env.get("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)), "HAProxy's metrics"),
+                  (host, int(env.get("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", 8500)), "Serve's fallback proxy")]
+    return ports
+
+
+def say(line: str) -> None:
+    """Print a line for the operator; a terminal that has gone (SIGHUP) takes nothing, silently."""
+    with contextlib.suppress(OSError, ValueError):
+        print(line, flush=True)
+
+
+def clear_earlier_run(record_path: Path) -> str | None:
+    """End what an earlier run recorded at `record_path` left alive (it was killed), saying
+    so. Returns why this start cannot go on (that run still runs), else None."""
+    record = RunRecord.read(record_path)
+    if record is None:
+        return None
+    if record.launcher_alive():
+        return (f"Strata is already running from this data directory ({record_path.parent}): PID "
+                f"{record.launcher_pid}; stop it first (Ctrl-C in its terminal, or `kill {record.launcher_pid}`).")
+    leftovers = record.leftovers()
+    if leftovers:
+        ended = end_processes(leftovers)
+        say(f"Ended {len(ended)} process(es) an earlier run left behind (it was killed): {describe(ended)}")
+    record_path.unlink(missing_ok=True)
+    return None
 
 
 def main(argv: list[str]) -> int:
-    """Run `serve run argv...` until it exits, saying when the service is ready; returns its exit status."""
-    child = subprocess.Popen(
-        [sys.executable, "-c", "from ray.serve.scripts import cli; cli()", "run", *argv],
-        env={**SERVING_ENV, **os.environ},
-        # Started in the background, a shell hands us SIGINT ignored; the child
-        # needs it back to turn it into its clean KeyboardInterrupt shutdown.
-        preexec_fn=_default_sigint,
-    )
-    # A terminal's Ctrl-C already reaches the child (same process group).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, lambda signum, frame: child.send_signal(signal.SIGINT))
+    """Run `serve run argv...` until it exits, saying when the service is ready; returns
+    its exit status, with nothing it started left running."""
+    config = _load_serve_config(argv)
+    env = {**SERVING_ENV, **os.environ}
+    record_path = run_record_path(config)
+    refusal = clear_earlier_run(record_path)
+    if refusal is None:
+        held = [(host, port, what) for host, port, what in needed_ports(config, env) if port_in_use(host, port)]
+        refusal = held_port_message(*held[0]) if held else None
+    if refusal:
+        say(refusal)
+        return 1
+
+    session = ServeSession(argv, env, stop_timeout_s(config), say)
+    child = session.start()
+    # Ctrl-C, SIGTERM (kill, systemd, docker stop, make) and SIGHUP (the terminal closed)
+    # reach only this process: `serve run` is in a session of its own.
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(signum, lambda *_: session.stop())
+    RunRecord(os.getpid(), psutil.Process().create_time(), session.session_id, session.started_at).write(record_path)
     # In a daemon thread: the main one only waits for the child, so a stop signal is
     # handled at once, and the process ends with the child whatever the watch is doing.
     threading.Thread(target=announce_when_ready, args=(service_url(argv), child), daemon=True).start()
-    return child.wait()
+    try:
+        return session.wait()
+    finally:
+        record_path.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":

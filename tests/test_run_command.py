@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -18,6 +19,7 @@ import yaml
 from PIL import Image
 
 from serve_app.run import CPU_MODEL_MEMORY_ENV, MEMORY_ENV, SERVING_ENV, spare_serve_ports
+from serve_app.serve_session import RunRecord, port_in_use
 from tests.conftest import ROOT, _free_port, load_config
 from tests.images import product_photo
 from tests.test_remove_background_api import jpeg_bytes
@@ -157,16 +159,136 @@ def test_make_run_says_when_it_is_ready_and_which_models_fell_back(tmp_path):
             os.killpg(process.pid, signal.SIGKILL)
 
 
-def test_ctrl_c_stops_make_run_cleanly(tmp_path):
-    # One weights-free model is enough to see the whole Ray shut down.
-    process, base = start_make_run(tmp_path, local_yaml_with_one_model("classic"))
+@pytest.fixture(scope="module")
+def one_place(tmp_path_factory) -> dict:
+    """One port, one set of Serve's fixed ports and one data directory for every start
+    of the stop tests: each start then also proves the stop before it freed them all."""
+    return {"port": _free_port(), "serve_ports": spare_serve_ports(),
+            "data_dir": tmp_path_factory.mktemp("one-place-data")}
+
+
+def start_in_one_place(tmp_path, place: dict, through_make: bool = False) -> tuple[subprocess.Popen, str]:
+    """`make run`'s command (or `make run` itself) serving local.yaml's classic models
+    on `place`'s ports and data: the process (leader of its own group) and the base URL."""
+    config = local_yaml_with_one_model("classic")
+    config["http_options"]["port"] = place["port"]
+    config["applications"][0]["args"]["jobs"]["data_dir"] = str(place["data_dir"])
+    config_path = tmp_path / "config.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    env = {**{k: v for k, v in os.environ.items() if k not in SERVING_ENV},
+           "RAY_ADDRESS": "local", "RAY_AUTH_MODE": "disabled", "HF_HUB_OFFLINE": "1", **place["serve_ports"]}
+    command = [sys.executable, "-m", "serve_app.run", str(config_path)]
+    if through_make:
+        # This environment's Python as make's venv; -o: never reinstall it.
+        venv = Path(sys.prefix)
+        command = ["make", "-s", "-o", str(venv / ".installed"), "run", f"VENV={venv}", f"CONFIG={config_path}"]
+    with output_path(tmp_path).open("wb") as output:
+        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    return process, f"http://127.0.0.1:{place['port']}"
+
+
+def serves_a_cutout(base: str) -> None:
+    rgb, _ = product_photo(320, 240)
+    response = httpx.post(f"{base}/v1/remove-background", timeout=60,
+                          files={"image": ("photo.jpg", jpeg_bytes(rgb), "image/jpeg")})
+    assert response.status_code == 200
+    assert Image.open(io.BytesIO(response.content)).mode == "RGBA"
+
+
+def recorded_run(place: dict) -> RunRecord:
+    record = RunRecord.read(place["data_dir"] / "run.json")
+    assert record is not None, "a serving launcher records its run"
+    return record
+
+
+def assert_nothing_left(record: RunRecord, place: dict) -> None:
+    """No process of the run's session is alive and every port it took is free again."""
+    _, alive = psutil.wait_procs(record.leftovers(), timeout=30)
+    assert alive == [], f"left behind: {alive}"
+    assert not port_in_use("127.0.0.1", place["port"])
+    for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
+        assert not port_in_use("0.0.0.0", int(place["serve_ports"][name])), name
+
+
+# How each stop reaches the launcher: a terminal's Ctrl-C (the foreground group), kill,
+# `timeout`/supervisors/CI (the whole group), a closed terminal.
+STOPS = {
+    "ctrl_c_to_the_group": lambda process: os.killpg(process.pid, signal.SIGINT),
+    "sigterm_to_the_process": lambda process: process.send_signal(signal.SIGTERM),
+    "sigterm_to_the_group": lambda process: os.killpg(process.pid, signal.SIGTERM),
+    "sighup_to_the_group": lambda process: os.killpg(process.pid, signal.SIGHUP),
+}
+
+
+@pytest.mark.parametrize("stop", STOPS)
+def test_a_stop_ends_every_process_and_frees_the_ports(tmp_path, one_place, stop):
+    process, base = start_in_one_place(tmp_path, one_place)
     try:
         wait_until_healthy(base, process)
-        # A terminal's Ctrl-C signals the whole foreground process group.
-        assert_stops_cleanly(process, lambda server: os.killpg(server.pid, signal.SIGINT))
+        serves_a_cutout(base)
+        record = recorded_run(one_place)
+        STOPS[stop](process)
+        assert process.wait(timeout=90) == 0
+        assert_nothing_left(record, one_place)
+        assert not (one_place["data_dir"] / "run.json").exists()
     finally:
         if process.poll() is None:
             os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_sigterm_to_make_alone_ends_every_process(tmp_path, one_place):
+    # `kill <make's PID>`: make passes SIGTERM on to the launcher, then dies of it itself.
+    process, base = start_in_one_place(tmp_path, one_place, through_make=True)
+    try:
+        wait_until_healthy(base, process)
+        serves_a_cutout(base)
+        record = recorded_run(one_place)
+        process.send_signal(signal.SIGTERM)
+        process.wait(timeout=90)
+        assert_nothing_left(record, one_place)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_start_after_a_sigkill_ends_what_the_killed_run_left_and_serves(tmp_path, one_place):
+    first, base = start_in_one_place(tmp_path, one_place)
+    second = None
+    try:
+        wait_until_healthy(base, first)
+        record = recorded_run(one_place)
+        # The launcher and serve run killed outright (the OOM killer, kill -9): Ray's
+        # workers and HAProxy, in groups of their own, are left holding the ports.
+        os.killpg(first.pid, signal.SIGKILL)
+        os.kill(record.session_id, signal.SIGKILL)
+        first.wait(timeout=30)
+        assert record.leftovers(), "SIGKILL left nothing to clean up: the test proves nothing"
+
+        second, base = start_in_one_place(tmp_path, one_place)
+        lines = wait_for_line(tmp_path, second, "Ended ")
+        assert any("an earlier run left behind (it was killed)" in line for line in lines), lines
+        wait_until_healthy(base, second)
+        serves_a_cutout(base)
+        assert record.leftovers() == []
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=90) == 0
+    finally:
+        for process in (first, second):
+            if process is not None and process.poll() is None:
+                os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_port_held_by_another_process_is_named_in_one_line(tmp_path, one_place):
+    with socket.create_server(("127.0.0.1", one_place["port"])):  # the holder: this test itself
+        process, _ = start_in_one_place(tmp_path, one_place)
+        assert process.wait(timeout=60) == 1
+    output = output_path(tmp_path).read_text()
+    assert output.strip().splitlines() == [
+        f"Port {one_place['port']} (Strata's HTTP API) on 127.0.0.1 is in use by PID {os.getpid()} "
+        f"({psutil.Process().name()}), not by a run Strata recorded; free it with `kill {os.getpid()}`, "
+        "or serve on another port."]
+    assert "Traceback" not in output
 
 
 def test_free_ports_are_never_handed_out_twice_nor_from_the_kernels_own_range():

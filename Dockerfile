@@ -2,7 +2,7 @@
 # cluster/kuberay/rayservice.yaml) or one GPU box (`docker run`, below).
 #
 #   docker build -t strata:0.1.0 .
-#   docker run --gpus all -p 8000:8000 -v strata-models:/models/hf -e HF_TOKEN strata:0.1.0
+#   docker run --gpus all --stop-timeout 60 -p 8000:8000 -v strata-models:/models/hf -e HF_TOKEN strata:0.1.0
 #
 # Model weights are never in the image: they live in HF_HOME (/models/hf), a volume
 # (a PersistentVolumeClaim on Kubernetes), filled by the first start or by
@@ -32,12 +32,13 @@ ENV MALLOC_MMAP_THRESHOLD_=33554432 \
     MALLOC_ARENA_MAX=2 \
     THP_MEM_ALLOC_ENABLE=1
 
-# Python 3.12 from Ubuntu, and wget (KubeRay's probes and the HEALTHCHECK use it).
+# Python 3.12 from Ubuntu, wget (KubeRay's probes and the HEALTHCHECK use it), and tini
+# (the entry point below).
 # Versions come from the pinned base image's Ubuntu release: apt pins of exact
 # Debian revisions break the build whenever Ubuntu publishes a security update.
 # hadolint ignore=DL3008
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv wget ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv wget ca-certificates tini \
  && rm -rf /var/lib/apt/lists/*
 
 # A non-root user, strata with uid 1000 (the base image's `ubuntu` user gives it up),
@@ -82,4 +83,9 @@ VOLUME ["/models/hf"]
 HEALTHCHECK --interval=30s --timeout=5s --start-period=180s --retries=3 \
   CMD ["sh", "-c", "wget -q -O /dev/null http://127.0.0.1:8000/healthz || exit 1"]
 
+# tini is PID 1: it hands `docker stop`'s SIGTERM (and Ctrl-C's SIGINT) to the launcher,
+# which stops Serve and ends what Ray leaves (serve_app/run.py), and it reaps the orphans
+# that a PID-1 Python would leave as zombies. Serve's graceful stop needs more than
+# docker's default 10 s: `docker run --stop-timeout 60` (above).
+ENTRYPOINT ["/usr/bin/tini", "--"]
 CMD ["python", "-m", "serve_app.run", "configs/container.yaml"]

@@ -316,6 +316,16 @@ def test_image_runs_as_a_non_root_user_and_checks_its_health():
     assert healthchecks and "/healthz" in DOCKERFILE.read_text()
 
 
+def test_image_stops_through_an_init_that_hands_signals_to_the_launcher():
+    # docker stop's SIGTERM goes to PID 1: tini passes it to serve_app.run (which stops
+    # Serve and ends Ray's leftovers) and reaps orphans; the launcher stays the command.
+    instructions = dict(line.split(None, 1) for line in DOCKERFILE.read_text().splitlines()
+                        if line.startswith(("ENTRYPOINT ", "CMD ")))
+    assert json.loads(instructions["ENTRYPOINT"]) == ["/usr/bin/tini", "--"]
+    assert json.loads(instructions["CMD"])[:3] == ["python", "-m", "serve_app.run"]
+    assert re.search(r"apt-get install[^&]*\btini\b", DOCKERFILE.read_text())
+
+
 # --------------------------------------------------------------------------- metrics
 
 

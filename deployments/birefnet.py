@@ -7,7 +7,16 @@ What the real models want (DESIGN.md section 2): RGB at a fixed square size (102
 BiRefNet and RMBG-2.0, 2048 for BiRefNet_HR; aspect not kept), /255, ImageNet mean and
 std; ``model(x)`` returns a list of logit maps, the last at full resolution; its
 sigmoid is the mask. No min-max stretch: a picture with no foreground gets an empty
-mask, not its noise amplified to 255.
+mask, not its noise amplified to 255. The repos' own code is loaded by
+``deployments.remote_code`` (which says why not by ``from_pretrained``).
+
+Precision, from what the published code runs (``FAMILIES``): BiRefNet's decoder uses
+torchvision's ``deform_conv2d``, which has no bfloat16 kernel (CPU or CUDA), so
+BiRefNet runs in float16 on a GPU (its authors' own figures are fp16), never bfloat16.
+RMBG-2.0's copy of the code adds a float32 window mask to the attention scores, which
+breaks any half-precision forward (BiRefNet's code fixed it upstream, RMBG-2.0's did
+not), so RMBG-2.0 runs under autocast on a GPU (float32 weights; autocast runs each op
+in the precision it supports). Both run in float32 on the CPU.
 
 The caller (the ingress) shrinks larger images to ``info.input_size`` and resizes the
 mask back to the original size; smaller images come as they are. An image of another
@@ -17,6 +26,7 @@ answers masks the size of its images.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -25,7 +35,8 @@ from typing import Any
 import numpy as np
 
 from .engine import EngineInfo, SegmentationEngine
-from .weights import WeightsUnavailable, dtype_name, load_pretrained, resolve_device, resolve_dtype
+from .remote_code import load_remote_model
+from .weights import WeightsUnavailable, canonical_dtype, dtype_name, load_pretrained, resolve_device, resolve_dtype
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +50,29 @@ HUB_IGNORE_PATTERNS = (
     "*.onnx", "onnx/*", "*.bin", "*.pth", "*.pt", "*.ckpt", "*.h5", "*.msgpack",
     "*.png", "*.jpg", "*.jpeg", "*.gif", "*.webp", "*.mp4",
 )
-PIP_HINT = "pip install 'strata[gpu]' (timm, kornia, einops, torchvision)"
+PIP_HINT = ("pip install -e '.[remote-code]' (torchvision, timm, kornia, einops; torchvision must be the build "
+            "of the installed torch: PyPI's for PyPI's torch, https://download.pytorch.org/whl/cpu for a CPU build)")
+
+AUTOCAST = "autocast"
+_DEFORM_CONV = ("BiRefNet's decoder uses torchvision's deform_conv2d, which has no bfloat16 kernel "
+                "(CPU or CUDA): use float16 or autocast")
+_RMBG_HALF = ("RMBG-2.0's code adds a float32 window mask to half-precision attention, which fails "
+              "(fixed in BiRefNet's code, not in RMBG-2.0's copy): use autocast or float32")
+# family -> (dtype `auto` picks on CUDA, {dtype it cannot run: why}); float32 on the CPU.
+FAMILIES: dict[str, tuple[str, dict[str, str]]] = {
+    "birefnet": ("float16", {"bfloat16": _DEFORM_CONV}),
+    "rmbg-2.0": (AUTOCAST, {"float16": _RMBG_HALF, "bfloat16": f"{_DEFORM_CONV}; and {_RMBG_HALF}"}),
+}
+
+
+def family_of(weights: str) -> str:
+    """The code family of ``weights`` when the config names none: RMBG-2.0 by its name."""
+    return "rmbg-2.0" if "rmbg" in weights.lower() else "birefnet"
+
+
+def refused_dtype(family: str, dtype: str) -> str | None:
+    """Why ``family`` cannot run in ``dtype`` (None when it can)."""
+    return FAMILIES[family][1].get(dtype)
 
 
 class BiRefNetEngine(SegmentationEngine):
@@ -52,9 +85,10 @@ class BiRefNetEngine(SegmentationEngine):
 
     Speed options (GPU paths; each one also runs, and is tested, on the CPU):
 
-    - ``dtype``: ``"auto"`` is bfloat16 on GPUs that have it, float16 on older ones,
-      float32 on the CPU. An explicit ``"bfloat16"`` is honoured on the CPU too (fast
-      where the CPU has bf16 instructions); ``"float16"`` there falls back to float32.
+    - ``dtype``: ``"auto"`` is what the ``family`` runs on a GPU (``FAMILIES``) and
+      float32 on the CPU; ``"autocast"`` keeps float32 weights and runs the forward
+      under ``torch.autocast`` (float16 on CUDA, bfloat16 on the CPU); a dtype the
+      family cannot run is refused; ``"float16"`` on the CPU falls back to float32.
     - ``channels_last``: weights and input in NHWC memory layout, which cuDNN's and
       oneDNN's convolutions prefer (tensor cores on GPUs).
     - ``compile``: ``torch.compile`` the model; the warm-up compiles it at load.
@@ -80,6 +114,7 @@ class BiRefNetEngine(SegmentationEngine):
         input_size: int = 1024,
         revision: str | None = None,
         *,
+        family: str | None = None,
         dynamic_size: bool = False,
         channels_last: bool = False,
         compile: bool = False,  # noqa: A002 - the config's name for torch.compile
@@ -90,9 +125,14 @@ class BiRefNetEngine(SegmentationEngine):
             raise ValueError(f"input_size must be a positive integer, not {input_size!r}")
         if dynamic_size and input_size < self.SIZE_MULTIPLE:
             raise ValueError(f"dynamic_size needs input_size >= {self.SIZE_MULTIPLE}, not {input_size}")
+        self.family = family or family_of(weights)
+        if self.family not in FAMILIES:
+            raise ValueError(f"family must be one of {', '.join(FAMILIES)}, not {self.family!r}")
+        self.dtype_setting = canonical_dtype(dtype, AUTOCAST)
+        if refused := refused_dtype(self.family, self.dtype_setting):
+            raise ValueError(f"{weights} cannot run in {self.dtype_setting}: {refused}")
         self.weights = weights
         self.device_setting = device
-        self.dtype_setting = dtype
         self.input_size = int(input_size)
         self.revision = revision
         self.dynamic_size = bool(dynamic_size)
@@ -104,6 +144,7 @@ class BiRefNetEngine(SegmentationEngine):
         self._model: Any = None
         self._device: str | None = None
         self._dtype: Any = None
+        self._autocast: Any = None  # the dtype the forward is autocast to, if it is
         self._pinned = False
         self._staging: dict[tuple[int, ...], Any] = {}  # pinned buffers by (H, W, C)
         self._lock = threading.Lock()  # staging buffers are reused: one predict at a time
@@ -126,18 +167,11 @@ class BiRefNetEngine(SegmentationEngine):
         if self._model is not None:
             return
         import torch
-        from transformers import AutoModelForImageSegmentation
 
         device = resolve_device(self.device_setting)
-        dtype = self._resolve_dtype(device)
-        model = load_pretrained(
-            AutoModelForImageSegmentation.from_pretrained,
-            self.weights,
-            revision=self.revision,
-            ignore_patterns=HUB_IGNORE_PATTERNS,
-            pip_hint=PIP_HINT,
-            trust_remote_code=True,
-        )
+        dtype, autocast = self._resolve_precision(device)
+        model = load_pretrained(load_remote_model, self.weights, revision=self.revision,
+                                ignore_patterns=HUB_IGNORE_PATTERNS, pip_hint=PIP_HINT)
         model.eval().requires_grad_(False)
         model.to(device=device, dtype=dtype)
         if self.channels_last:
@@ -148,24 +182,37 @@ class BiRefNetEngine(SegmentationEngine):
         mean = torch.tensor(IMAGENET_MEAN, dtype=torch.float32, device=device).view(1, 3, 1, 1)
         self._scale = 1.0 / (255.0 * std)
         self._shift = mean / std
-        self._model, self._device, self._dtype = model, device, dtype
+        self._model, self._device, self._dtype, self._autocast = model, device, dtype, autocast
         self._pinned = self.pin_memory and device.startswith("cuda")
-        self.info = self._info(device, dtype_name(dtype))
+        self.info = self._info(device, self.precision_name)
         if self.warmup:
             self._warm_up()
         options = [name for name, on in (("channels_last", self.channels_last), ("compiled", self.compile),
                                          ("pinned", self._pinned), ("dynamic size", self.dynamic_size)) if on]
-        log.info("birefnet %s loaded on %s as %s at %dx%d%s%s", self.weights, device, dtype_name(dtype),
+        log.info("birefnet %s loaded on %s as %s at %dx%d%s%s", self.weights, device, self.precision_name,
                  self.input_size, self.input_size, f" ({', '.join(options)})" if options else "",
                  f", warmed up in {self.warmup_s:.2f} s" if self.warmup_s is not None else "")
 
-    def _resolve_dtype(self, device: str):
+    @property
+    def precision_name(self) -> str:
+        """What the model runs in: ``float16``, or ``autocast(float16)`` over float32 weights."""
+        if self._autocast is not None:
+            return f"{AUTOCAST}({dtype_name(self._autocast)})"
+        return dtype_name(self._dtype) if self._dtype is not None else self.dtype_setting
+
+    def _resolve_precision(self, device: str):
+        """(dtype of the weights, dtype the forward is autocast to or None) on ``device``."""
         import torch
 
-        setting = (self.dtype_setting or "auto").strip().lower()
-        if device.split(":", 1)[0] == "cpu" and setting in ("bfloat16", "bf16"):
-            return torch.bfloat16  # asked for explicitly: CPUs run bf16 (fast with AVX512-BF16/AMX)
-        return resolve_dtype(setting, device)
+        kind = device.split(":", 1)[0]
+        setting = self.dtype_setting
+        if setting == "auto":
+            if kind != "cuda":
+                return torch.float32, None
+            setting = FAMILIES[self.family][0]
+        if setting == AUTOCAST:
+            return torch.float32, torch.float16 if kind == "cuda" else torch.bfloat16
+        return resolve_dtype(setting, device), None
 
     def _warm_up(self) -> None:
         """Run the model on batches of 1 and 2 (a compiled model then has a dynamic batch size)."""
@@ -222,7 +269,9 @@ class BiRefNetEngine(SegmentationEngine):
         x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=layout)
         x.mul_(self._scale).sub_(self._shift)
         x = x.to(self._dtype)
-        with torch.inference_mode():
+        autocast = (torch.autocast(self._device.split(":", 1)[0], dtype=self._autocast)
+                    if self._autocast is not None else contextlib.nullcontext())
+        with torch.inference_mode(), autocast:
             logits = _final_logits(self._model(x))
             if logits.shape[-2:] != (h, w):
                 logits = F.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
@@ -295,4 +344,4 @@ def _resize(image: np.ndarray, height: int, width: int, bilinear: bool = False) 
     return cv2.resize(image, (width, height), interpolation=interpolation)
 
 
-__all__ = ["BiRefNetEngine", "WeightsUnavailable", "HUB_IGNORE_PATTERNS"]
+__all__ = ["BiRefNetEngine", "FAMILIES", "WeightsUnavailable", "HUB_IGNORE_PATTERNS", "family_of", "refused_dtype"]

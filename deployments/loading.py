@@ -19,23 +19,30 @@ E = TypeVar("E")
 
 def load_with_fallback(name: str, weights: str | None, build: Callable[[], E],
                        build_fallback: Callable[[], E] | None) -> tuple[E, str | None]:
-    """The loaded engine `build()` makes, or `build_fallback()`'s when the weights
-    cannot be had; returns it and the reason it fell back (None if it did not).
-    Without a fallback that is a startup error naming the reason."""
-    from deployments.weights import WeightsUnavailable
+    """The loaded engine `build()` makes, or `build_fallback()`'s when it cannot be
+    built or loaded; returns it and the reason it fell back (None if it did not).
+    Without a fallback that is a startup error naming the model and the reason.
 
-    engine = build()
+    Every exception counts, not only missing weights: a model's own code can fail in
+    any way (an AttributeError under another transformers, a dtype its kernels lack at
+    warm-up), and a replica that let it escape would crash and be restarted forever."""
     try:
+        engine = build()
         engine.load()
         return engine, None
-    except (WeightsUnavailable, ImportError) as exc:
-        reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {exc}"
+    except Exception as exc:  # noqa: BLE001 - see the docstring
+        reason = getattr(exc, "reason", None) or f"{type(exc).__name__}: {_message(exc)}"
         if build_fallback is None:
             raise RuntimeError(f"model {name!r} cannot be loaded: {reason}") from exc
         logger.warning("model %r serves the classic engine instead of %s: %s", name, weights, reason)
         fallback = build_fallback()
         fallback.load()
         return fallback, reason
+
+
+def _message(exc: Exception, limit: int = 500) -> str:
+    message = " ".join(str(exc).split()) or "(no message)"
+    return message if len(message) <= limit else message[: limit - 3] + "..."
 
 
 def health_report(engine: Any, weights: str | None, fallback_reason: str | None) -> dict[str, Any]:

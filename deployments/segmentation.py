@@ -31,8 +31,13 @@ class SegmentationModelConfig(BaseModel):
     weights: str | None = Field(None, description="Hugging Face model id or local directory (birefnet engine).")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit) to load.")
     device: str = Field("auto", description="auto (CUDA when present, else CPU), cpu, cuda or cuda:N.")
-    dtype: Literal["auto", "float16", "bfloat16", "float32"] = Field(
-        "auto", description="auto: bfloat16 (float16 before Ampere) on GPU, float32 on CPU; bfloat16 is honoured on CPU too."
+    family: Literal["birefnet", "rmbg-2.0"] | None = Field(
+        None, description="Whose code the weights run (it decides the precisions that work); unset: rmbg-2.0 "
+                          "when `weights` names RMBG, else birefnet."
+    )
+    dtype: Literal["auto", "float32", "float16", "bfloat16", "autocast"] = Field(
+        "auto", description="auto: birefnet float16, rmbg-2.0 autocast on a GPU; float32 on the CPU. autocast: float32 "
+                            "weights, the forward under torch.autocast. A dtype the family cannot run is refused."
     )
     input_size: int = Field(1024, ge=32, description="Square side the model runs at (BiRefNet: 1024; BiRefNet_HR: 2048).")
     dynamic_size: bool = Field(
@@ -60,6 +65,12 @@ class SegmentationModelConfig(BaseModel):
     def _birefnet_needs_weights(self) -> "SegmentationModelConfig":
         if self.engine == "birefnet" and not self.weights:
             raise ValueError("the birefnet engine needs `weights` (a model id or a local directory)")
+        if self.engine == "birefnet":
+            from deployments.birefnet import family_of, refused_dtype
+
+            family = self.family or family_of(self.weights)
+            if refused := refused_dtype(family, self.dtype):
+                raise ValueError(f"dtype {self.dtype} does not run {self.weights} ({family}): {refused}")
         return self
 
 
@@ -102,7 +113,7 @@ def load_engine(name: str, config: SegmentationModelConfig) -> tuple[Segmentatio
 
     def build() -> SegmentationEngine:
         return BiRefNetEngine(weights=config.weights, device=config.device, dtype=config.dtype,
-                              input_size=config.input_size, revision=config.revision,
+                              input_size=config.input_size, revision=config.revision, family=config.family,
                               dynamic_size=config.dynamic_size, channels_last=config.channels_last,
                               compile=config.compile, pin_memory=config.pin_memory, warmup=config.warmup)
 

@@ -113,6 +113,17 @@ def resolve_dtype(setting: str, device: str) -> "torch.dtype":
     return getattr(torch, name)
 
 
+def canonical_dtype(setting: str | None, *extra: str) -> str:
+    """``setting``'s canonical name (``"bf16"`` -> ``"bfloat16"``, ``None`` -> ``"auto"``);
+    ``extra`` names settings an engine adds (e.g. ``"autocast"``). Raises ValueError."""
+    setting = (setting or "auto").strip().lower()
+    if setting == "auto" or setting in extra:
+        return setting
+    if setting not in _DTYPES:
+        raise ValueError(f"dtype {setting!r} is not one of {', '.join(['auto', *extra, 'float32', 'float16', 'bfloat16'])}")
+    return _DTYPES[setting]
+
+
 def dtype_name(dtype: "torch.dtype") -> str:
     """``torch.bfloat16`` -> ``"bfloat16"`` (for EngineInfo and health output)."""
     return str(dtype).removeprefix("torch.")
@@ -402,6 +413,7 @@ def _load_error(source: str, resolved: ResolvedSource, e: Exception) -> WeightsU
 __all__ = [
     "ResolvedSource",
     "WeightsUnavailable",
+    "canonical_dtype",
     "dtype_name",
     "hub_cache_dir",
     "hub_offline",

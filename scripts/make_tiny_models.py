@@ -9,16 +9,18 @@ path; ``MODELS`` lists them and ``main`` runs them. A directory already built by
 same builder version is left alone (idempotent); ``--force`` rebuilds. Directories are
 built beside the target and renamed into place, so a reader never sees half of one.
 
-birefnet/
-    Loads like ``ZhengPeng7/BiRefNet`` / ``briaai/RMBG-2.0``:
-    ``AutoModelForImageSegmentation.from_pretrained(dir, trust_remote_code=True)``.
-    ``config.json`` carries ``auto_map`` to our own remote-code module
-    ``tiny_birefnet.py`` (copied into the directory), weights are ``model.safetensors``.
-    The weights are set by hand, not trained or random, so its output is known:
-    see ``TINY_BIREFNET_SOURCE`` below for the rule (red-ish = foreground). It is fully
+birefnet/, rmbg-2.0/
+    Laid out like ``ZhengPeng7/BiRefNet`` / ``briaai/RMBG-2.0``: ``config.json`` with an
+    ``auto_map`` to the repo's own code (``BiRefNet_config.py``, ``birefnet.py``, ours),
+    weights in ``model.safetensors``; loaded by ``deployments.remote_code``. The code is
+    built like the published code, quirks included (a plain ``Config`` replacing
+    ``self.config``, no ``post_init()``, a float32 window mask that breaks half precision
+    in ``rmbg-2.0/``): see ``TINY_BIREFNET_SOURCE`` for those and for the hand-set
+    weights that make its output known (red-ish = foreground). It is fully
     convolutional, so it runs at any input size; it has no size of its own. The engine
     still defaults to the real model's 1024x1024: tests and configs/test.yaml pass a
-    small ``input_size`` (e.g. 64) to keep CPU runs fast.
+    small ``input_size`` (e.g. 64) to keep CPU runs fast. Needs einops and kornia, as the
+    published code does.
 
 qwen-image-layered/
     Loads like ``Qwen/Qwen-Image-Layered``: ``QwenImageLayeredPipeline.from_pretrained(dir)``
@@ -38,6 +40,7 @@ from __future__ import annotations
 
 import argparse
 import hashlib
+import importlib
 import importlib.util
 import json
 import os
@@ -51,17 +54,48 @@ from typing import Callable
 DEFAULT_OUT = Path("models/tiny")
 STAMP = ".strata-tiny-model.json"
 
-# The remote code of the tiny BiRefNet. It is written into the model directory, which
-# is what transformers imports (into HF_MODULES_CACHE) when trust_remote_code=True.
+# The remote code of the tiny BiRefNet, in the published repos' layout: a config module
+# and a model module, written into the model directory, which is what transformers
+# imports (into HF_MODULES_CACHE) as the repo's own code.
+TINY_BIREFNET_CONFIG_SOURCE = '''\
+"""The config class of the tiny BiRefNet stand-in (Strata test fixture)."""
+
+from transformers import PretrainedConfig
+
+
+class BiRefNetConfig(PretrainedConfig):
+    model_type = "strata_tiny_birefnet"
+
+    def __init__(self, bb_pretrained=False, **kwargs):
+        self.bb_pretrained = bb_pretrained
+        super().__init__(**kwargs)
+'''
+
 TINY_BIREFNET_SOURCE = '''\
-"""Tiny BiRefNet-interface segmentation model (Strata test fixture, not a real model).
+"""Tiny stand-in for the published BiRefNet / RMBG-2.0 code (Strata test fixture, not a real model).
 
-Same interface as BiRefNet's remote code: ``model(x)`` with ``x`` of shape (B, 3, H, W),
-RGB / 255 normalised with the ImageNet mean (0.485, 0.456, 0.406) and std
-(0.229, 0.224, 0.225), returns a list of logit maps, coarse to fine; the last one is
-(B, 1, H, W) at full resolution. Any H and W work (fully convolutional).
+Same interface as their code: ``model(x)`` with ``x`` of shape (B, 3, H, W), RGB / 255
+normalised with the ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225),
+returns a list of logit maps, coarse to fine; the last one is (B, 1, H, W) at full
+resolution. Any H and W work (fully convolutional).
 
-Its weights are set by hand so that the output is known. On 0..255 RGB:
+Built like the published code, not like a model written for transformers, so that it
+fails where theirs fails:
+
+- ``__init__(bb_pretrained=True, config=BiRefNetConfig())`` replaces ``self.config``
+  with a plain ``Config`` object holding the architecture, and never calls
+  ``post_init()`` (transformers 5's from_pretrained cannot load such a model);
+- a shifted-window attention whose window mask is built in float32 in the forward;
+  with ``MASK_FOLLOWS_DTYPE = False`` (RMBG-2.0's copy) every half-precision forward
+  fails on it, with True (BiRefNet since upstream's fix) the mask follows the scores;
+- it imports einops and kornia like the published code. Not timm and torchvision:
+  timm imports torchvision, and no torchvision can import beside a CPU torch that
+  did not come from torchvision's own index; so the published code's deformable
+  convolution (torchvision's deform_conv2d, no bfloat16 kernel) is not here, and
+  bfloat16 is refused for the BiRefNet family by rule.
+
+Its output is known: the attention's output projection is zero, so it adds exactly
+nothing, and the rest is set by hand. On 0..255 RGB:
 
     logit = (R - (G + B) / 2 - 64) / 4,   then averaged over a 3x3 neighbourhood
 
@@ -70,48 +104,87 @@ blue by more than 64: red, orange, magenta-ish pixels are foreground; grey, whit
 black, blue, green, cyan pixels are background. Examples: (220, 30, 30) -> logit
 +31.5 (mask 255); grey (128, 128, 128) -> -16 (mask 0); (160, 96, 96) -> 0 (mask 128).
 The coarser maps are 4x and 2x average-pooled copies of the last one.
-
-Layers: ``denorm`` (1x1 conv: undo the normalisation, back to 0..255), ``redness``
-(1x1 conv: the rule above), ``smooth`` (3x3 box filter, replicate padding).
 """
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
+from kornia.filters import laplacian  # noqa: F401 - imported as the published code imports it
 from torch import nn
-from transformers import PretrainedConfig, PreTrainedModel
+from transformers import PreTrainedModel
+
+from .BiRefNet_config import BiRefNetConfig
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+MASK_FOLLOWS_DTYPE = {mask_follows_dtype}
 
 
-class TinyBiRefNetConfig(PretrainedConfig):
-    model_type = "tiny_birefnet"
+class Config:
+    """The architecture, as a plain object (the published code keeps it so)."""
 
-    def __init__(self, red_margin=64.0, logit_scale=0.25, smooth_kernel=3, drop_path_rate=0.1,
-                 **kwargs):
-        self.red_margin = red_margin
-        self.logit_scale = logit_scale
-        self.smooth_kernel = smooth_kernel
-        self.drop_path_rate = drop_path_rate
-        super().__init__(**kwargs)
+    def __init__(self):
+        self.red_margin = 64.0
+        self.logit_scale = 0.25
+        self.smooth_kernel = 3
+        self.window_size = 4
+        self.attention_dim = 4
+        self.drop_path_rate = 0.1
 
 
-class TinyBiRefNet(PreTrainedModel):
-    config_class = TinyBiRefNetConfig
-    base_model_prefix = "tiny_birefnet"
-    main_input_name = "pixel_values"
+class WindowAttention(nn.Module):
+    """Shifted-window self-attention over (B, C, H, W), Swin's way, scores masked per window."""
 
-    def __init__(self, config):
+    def __init__(self, channels, dim, window):
+        super().__init__()
+        self.window = window
+        self.qkv = nn.Linear(channels, 3 * dim)
+        self.proj = nn.Linear(dim, 1)
+
+    def forward(self, x):
+        w = self.window
+        b, _, h, width = x.shape
+        x = F.pad(x, (0, -width % w, 0, -h % w))
+        hp, wp = x.shape[-2:]
+        shift = w // 2
+        x = torch.roll(x, (-shift, -shift), dims=(2, 3))
+        tokens = rearrange(x, "b c (nh wh) (nw ww) -> (b nh nw) (wh ww) c", wh=w, ww=w)
+        q, k, v = self.qkv(tokens).chunk(3, dim=-1)
+        scores = (q @ k.transpose(-2, -1)) * q.shape[-1] ** -0.5
+        mask = self._shift_mask(hp, wp, shift, x.device).repeat(b, 1, 1)  # float32, as published
+        scores = scores + (mask.to(scores.dtype) if MASK_FOLLOWS_DTYPE else mask)
+        out = self.proj(scores.softmax(dim=-1) @ v)
+        out = rearrange(out, "(b nh nw) (wh ww) c -> b c (nh wh) (nw ww)", b=b, nh=hp // w, wh=w, ww=w)
+        return torch.roll(out, (shift, shift), dims=(2, 3))[:, :, :h, :width]
+
+    def _shift_mask(self, hp, wp, shift, device):
+        w = self.window
+        regions = torch.zeros((1, 1, hp, wp), device=device)
+        label = 0
+        for rows in (slice(0, -w), slice(-w, -shift), slice(-shift, None)):
+            for cols in (slice(0, -w), slice(-w, -shift), slice(-shift, None)):
+                regions[:, :, rows, cols] = label
+                label += 1
+        windows = rearrange(regions, "b c (nh wh) (nw ww) -> (b nh nw) (wh ww c)", wh=w, ww=w)
+        differ = windows.unsqueeze(1) != windows.unsqueeze(2)
+        return torch.zeros(differ.shape, device=device).masked_fill(differ, -100.0)
+
+
+class BiRefNet(PreTrainedModel):
+    config_class = BiRefNetConfig
+
+    def __init__(self, bb_pretrained=True, config=BiRefNetConfig()):
         super().__init__(config)
-        # Like the real model's Swin backbone: a drop-path schedule read with .item()
-        # while constructing, which transformers 5 must survive (it builds on "meta").
-        self.drop_path_rates = [x.item() for x in torch.linspace(0, config.drop_path_rate, 4)]
-        k = config.smooth_kernel
+        self.config = Config()
+        c = self.config
+        # Like the real model's Swin backbone: a drop-path schedule read with .item().
+        self.drop_path_rates = [x.item() for x in torch.linspace(0, c.drop_path_rate, 4)]
+        k = c.smooth_kernel
         self.denorm = nn.Conv2d(3, 3, 1)
         self.redness = nn.Conv2d(3, 1, 1)
         self.smooth = nn.Conv2d(1, 1, k, bias=False)  # its weights; applied (padded) in _smooth
+        self.attention = WindowAttention(3, c.attention_dim, c.window_size)
         self._set_known_weights()
-        self.post_init()
 
     @torch.no_grad()
     def _set_known_weights(self):
@@ -125,14 +198,11 @@ class TinyBiRefNet(PreTrainedModel):
         self.redness.bias.fill_(-s * c.red_margin)
         k = c.smooth_kernel
         self.smooth.weight.fill_(1.0 / (k * k))
-
-    def _init_weights(self, module):
-        # Every weight comes from model.safetensors (or _set_known_weights): never
-        # re-initialise randomly.
-        pass
+        self.attention.proj.weight.zero_()
+        self.attention.proj.bias.zero_()
 
     def forward(self, x):
-        logits = self._smooth(self.redness(self.denorm(x)))
+        logits = self._smooth(self.redness(self.denorm(x))) + self.attention(x)
         return [F.avg_pool2d(logits, 4), F.avg_pool2d(logits, 2), logits]
 
     def _smooth(self, logits):
@@ -147,7 +217,13 @@ class TinyBiRefNet(PreTrainedModel):
         return F.conv2d(padded, weight, groups=b).reshape(b, 1, h, w)
 '''
 
-BIREFNET_BUILDER_VERSION = 1
+BIREFNET_BUILDER_VERSION = 2
+# tiny model -> whether its window mask follows the scores' dtype (TINY_BIREFNET_SOURCE).
+BIREFNET_FAMILY = {"birefnet": True, "rmbg-2.0": False}
+
+
+def _birefnet_source(name: str) -> str:
+    return TINY_BIREFNET_SOURCE.replace("{mask_follows_dtype}", str(BIREFNET_FAMILY[name]))
 
 
 def _stamp(builder: str, version: int, source: str) -> dict:
@@ -176,38 +252,48 @@ def _replace_dir(staging: Path, target: Path) -> None:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def _import_file(path: Path, name: str):
-    spec = importlib.util.spec_from_file_location(name, path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _import_package_module(directory: Path, module: str):
+    """``directory/<module>.py`` imported as a module of a package holding the
+    directory's files, so that its relative imports work (as in transformers' copy)."""
+    package = f"_strata_tiny_{uuid.uuid4().hex}"
+    with tempfile.TemporaryDirectory() as root:
+        shutil.copytree(directory, Path(root) / package, ignore=shutil.ignore_patterns(".*"))
+        (Path(root) / package / "__init__.py").touch()
+        sys.path.insert(0, root)
+        try:
+            return importlib.import_module(f"{package}.{module}")
+        finally:
+            sys.path.remove(root)
 
 
-def make_tiny_birefnet(out_dir: str | os.PathLike = DEFAULT_OUT, *, force: bool = False) -> Path:
-    """Write ``out_dir/birefnet/``: a tiny BiRefNet-interface model; returns its path."""
+def _make_tiny_birefnet_family(name: str, out_dir: str | os.PathLike, force: bool) -> Path:
+    """Write ``out_dir/<name>/`` as the published repos are laid out: config.json with
+    its auto_map, BiRefNet_config.py, birefnet.py and model.safetensors (a plain state
+    dict, as their code has no save_pretrained of its own to speak of)."""
+    import torch
+    from safetensors.torch import save_file
+
     out_dir = Path(out_dir)
-    target = out_dir / "birefnet"
-    stamp = _stamp("birefnet", BIREFNET_BUILDER_VERSION, TINY_BIREFNET_SOURCE)
+    target = out_dir / name
+    source = _birefnet_source(name)
+    stamp = _stamp(name, BIREFNET_BUILDER_VERSION, TINY_BIREFNET_CONFIG_SOURCE + source)
     if not force and _is_current(target, stamp):
         return target
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=".birefnet.partial-", dir=out_dir))
+    staging = Path(tempfile.mkdtemp(prefix=f".{name}.partial-", dir=out_dir))
     try:
-        source_file = staging / "tiny_birefnet.py"
-        source_file.write_text(TINY_BIREFNET_SOURCE)
-        module = _import_file(source_file, f"_strata_tiny_birefnet_{uuid.uuid4().hex}")
-        config = module.TinyBiRefNetConfig(
-            auto_map={
-                "AutoConfig": "tiny_birefnet.TinyBiRefNetConfig",
-                "AutoModelForImageSegmentation": "tiny_birefnet.TinyBiRefNet",
-            },
-        )
-        model = module.TinyBiRefNet(config).eval()
-        model.save_pretrained(staging, safe_serialization=True)
-        # Remote code is referenced by auto_map; make sure save_pretrained left ours.
-        if not source_file.exists():
-            source_file.write_text(TINY_BIREFNET_SOURCE)
+        (staging / "BiRefNet_config.py").write_text(TINY_BIREFNET_CONFIG_SOURCE)
+        (staging / "birefnet.py").write_text(source)
+        auto_map = {"AutoConfig": "BiRefNet_config.BiRefNetConfig",
+                    "AutoModelForImageSegmentation": "birefnet.BiRefNet"}
+        config = {"architectures": ["BiRefNet"], "auto_map": auto_map, "bb_pretrained": False}
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        module = _import_package_module(staging, "birefnet")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)  # the attention's random weights: the same files every build
+            model = module.BiRefNet(config=module.BiRefNetConfig(**config)).eval()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / "model.safetensors")
         (staging / STAMP).write_text(json.dumps(stamp, indent=2) + "\n")
         # mkdtemp makes 0700 (and safetensors 0600): make it readable like any model dir.
         staging.chmod(0o755)
@@ -218,6 +304,16 @@ def make_tiny_birefnet(out_dir: str | os.PathLike = DEFAULT_OUT, *, force: bool 
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return target
+
+
+def make_tiny_birefnet(out_dir: str | os.PathLike = DEFAULT_OUT, *, force: bool = False) -> Path:
+    """Write ``out_dir/birefnet/``: a tiny stand-in for BiRefNet's published code; returns its path."""
+    return _make_tiny_birefnet_family("birefnet", out_dir, force)
+
+
+def make_tiny_rmbg(out_dir: str | os.PathLike = DEFAULT_OUT, *, force: bool = False) -> Path:
+    """Write ``out_dir/rmbg-2.0/``: the same with RMBG-2.0's float32 window mask; returns its path."""
+    return _make_tiny_birefnet_family("rmbg-2.0", out_dir, force)
 
 
 # --------------------------------------------------------------------------- qwen-image-layered
@@ -401,11 +497,14 @@ def make_tiny_qwen_image_layered(out_dir: str | os.PathLike = DEFAULT_OUT, *,
 # name -> builder
 MODELS: dict[str, Callable[..., Path]] = {
     "birefnet": make_tiny_birefnet,
+    "rmbg-2.0": make_tiny_rmbg,
     "qwen-image-layered": make_tiny_qwen_image_layered,
 }
 # name -> Python packages its builder needs beyond torch and transformers. Building
 # "all" skips (with a note) a model whose packages are missing; --only NAME fails.
 REQUIRES: dict[str, tuple[str, ...]] = {
+    "birefnet": ("einops", "kornia"),
+    "rmbg-2.0": ("einops", "kornia"),
     "qwen-image-layered": ("diffusers",),
 }
 

@@ -1,8 +1,9 @@
 """deployments/birefnet.py against the tiny BiRefNet from scripts/make_tiny_models.py.
 
-The tiny model loads through the real path (AutoModelForImageSegmentation,
-trust_remote_code, safetensors) and its output follows a known rule: red-ish pixels
-are foreground, logit = (R - (G + B) / 2 - 64) / 4 (see its module docstring).
+The tiny model is laid out and coded like the published BiRefNet / RMBG-2.0 repos
+(their quirks included), loads through the real path (deployments.remote_code: the
+repo's own code, safetensors) and its output follows a known rule: red-ish pixels are
+foreground, logit = (R - (G + B) / 2 - 64) / 4 (see its module docstring).
 """
 
 from __future__ import annotations
@@ -52,6 +53,11 @@ def tiny_dir(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
+def tiny_rmbg_dir(tmp_path_factory):
+    return make_tiny_models.make_tiny_rmbg(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="module")
 def engine(hf_env, tiny_dir):
     engine = BiRefNetEngine(str(tiny_dir), device="cpu", input_size=SIZE)
     engine.load()
@@ -82,16 +88,27 @@ def test_tiny_birefnet_directory_holds_config_remote_code_and_safetensors(tiny_d
     import json
 
     config = json.loads((tiny_dir / "config.json").read_text())
-    assert config["auto_map"]["AutoModelForImageSegmentation"] == "tiny_birefnet.TinyBiRefNet"
-    assert (tiny_dir / "tiny_birefnet.py").is_file()
+    assert config["auto_map"] == {"AutoConfig": "BiRefNet_config.BiRefNetConfig",
+                                  "AutoModelForImageSegmentation": "birefnet.BiRefNet"}
+    assert (tiny_dir / "birefnet.py").is_file() and (tiny_dir / "BiRefNet_config.py").is_file()
     assert (tiny_dir / "model.safetensors").is_file()
 
 
-def test_tiny_birefnet_loads_like_the_real_one_and_returns_logit_maps(hf_env, tiny_dir):
-    import torch
+def test_tiny_birefnet_fails_in_from_pretrained_as_the_published_code_does(hf_env, tiny_dir):
+    # Its code replaces self.config with a plain object and never calls post_init(),
+    # as the published code does: transformers 5's from_pretrained cannot load it.
     from transformers import AutoModelForImageSegmentation
 
-    model = AutoModelForImageSegmentation.from_pretrained(str(tiny_dir), trust_remote_code=True)
+    with pytest.raises(AttributeError, match="model_type|all_tied_weights_keys"):
+        AutoModelForImageSegmentation.from_pretrained(str(tiny_dir), trust_remote_code=True)
+
+
+def test_the_remote_code_loader_loads_it_and_it_returns_logit_maps(hf_env, tiny_dir):
+    import torch
+
+    from deployments.remote_code import load_remote_model
+
+    model = load_remote_model(tiny_dir)
     x = torch.zeros(2, 3, 48, 40)
     with torch.inference_mode():
         out = model.eval()(x)
@@ -108,6 +125,20 @@ def test_make_tiny_birefnet_is_idempotent(tmp_path):
     make_tiny_models.make_tiny_birefnet(tmp_path, force=True)
     assert (first / "model.safetensors").read_bytes() == weights  # deterministic
     assert sorted(p.name for p in tmp_path.iterdir()) == ["birefnet"]  # no leftovers
+
+
+def test_weights_that_do_not_match_the_code_are_refused_naming_them(hf_env, tiny_dir, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from deployments.remote_code import load_remote_model
+
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    state = load_file(broken / "model.safetensors")
+    state["extra.weight"] = state.pop("redness.weight")
+    save_file(state, broken / "model.safetensors")
+    with pytest.raises(ValueError, match=r"1 \(redness.weight\) missing, 1 \(extra.weight\) unexpected"):
+        load_remote_model(broken)
 
 
 def test_script_main_builds_into_out(tmp_path, capsys):
@@ -193,7 +224,7 @@ def test_predict_before_load_raises(tiny_dir):
         BiRefNetEngine(str(tiny_dir), input_size=SIZE).predict([_disc_image()[0]])
 
 
-def test_half_dtype_on_cpu_runs_in_float32(hf_env, tiny_dir):
+def test_float16_on_cpu_runs_in_float32(hf_env, tiny_dir):
     engine = BiRefNetEngine(str(tiny_dir), device="cpu", dtype="float16", input_size=SIZE)
     engine.load()
     assert engine.info.dtype == "float32"
@@ -258,12 +289,67 @@ def _max_diff(masks, reference):
     return max(int(np.abs(m.astype(int) - r.astype(int)).max()) for m, r in zip(masks, reference, strict=True))
 
 
-def test_explicit_bfloat16_on_cpu_runs_in_bfloat16_within_4_levels_of_float32(engine, tiny_dir):
-    bf16 = _loaded(tiny_dir, dtype="bfloat16")
-    assert bf16.info.dtype == "bfloat16"
-    masks, reference = bf16.predict(_soft_scene()), engine.predict(_soft_scene())
+@pytest.mark.parametrize("model", ["birefnet", "rmbg-2.0"])
+def test_autocast_on_cpu_runs_in_bfloat16_within_4_levels_of_float32(engine, tiny_dir, tiny_rmbg_dir, model):
+    weights = tiny_dir if model == "birefnet" else tiny_rmbg_dir
+    autocast = _loaded(weights, dtype="autocast")
+    assert autocast.info.dtype == "autocast(bfloat16)"
+    masks, reference = autocast.predict(_soft_scene()), engine.predict(_soft_scene())
     assert _max_diff(masks, reference) <= 4
     assert np.mean([np.abs(m.astype(int) - r.astype(int)).mean() for m, r in zip(masks, reference)]) < 0.5
+
+
+@pytest.mark.parametrize("model", ["birefnet", "rmbg-2.0"])
+def test_auto_runs_float32_on_the_cpu(hf_env, tiny_dir, tiny_rmbg_dir, model):
+    engine = _loaded(tiny_dir if model == "birefnet" else tiny_rmbg_dir, dtype="auto")
+    assert engine.info.dtype == "float32"
+    image, disc = _disc_image()
+    assert _iou(engine.predict([image])[0] >= 128, disc) >= 0.9
+
+
+def test_auto_on_a_gpu_picks_float16_for_birefnet_and_autocast_for_rmbg():
+    # No GPU here: what auto resolves to on "cuda" is decided before any CUDA call.
+    import torch
+
+    birefnet = BiRefNetEngine("ZhengPeng7/BiRefNet")._resolve_precision("cuda")
+    rmbg = BiRefNetEngine("briaai/RMBG-2.0")._resolve_precision("cuda")
+    assert birefnet == (torch.float16, None)
+    assert rmbg == (torch.float32, torch.float16)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_rmbg_in_half_precision_fails_as_its_published_code_does(hf_env, tiny_rmbg_dir, dtype):
+    # Why RMBG-2.0 refuses half dtypes: its float32 window mask meets half attention.
+    import torch
+
+    from deployments.remote_code import load_remote_model
+
+    model = load_remote_model(tiny_rmbg_dir).to(getattr(torch, dtype))
+    with pytest.raises(RuntimeError, match="same dtype"):
+        model(torch.zeros(1, 3, SIZE, SIZE, dtype=getattr(torch, dtype)))
+
+
+@pytest.mark.parametrize(("weights", "dtype", "why"), [
+    ("ZhengPeng7/BiRefNet", "bfloat16", "deform_conv2d"),
+    ("ZhengPeng7/BiRefNet", "bf16", "deform_conv2d"),
+    ("briaai/RMBG-2.0", "float16", "window mask"),
+    ("briaai/RMBG-2.0", "bfloat16", "window mask"),
+])
+def test_a_dtype_the_family_cannot_run_is_refused_with_the_reason(weights, dtype, why):
+    with pytest.raises(ValueError, match=why):
+        BiRefNetEngine(weights, dtype=dtype)
+
+
+def test_the_model_config_refuses_a_dtype_the_family_cannot_run():
+    from pydantic import ValidationError
+
+    from deployments.segmentation import SegmentationModelConfig
+
+    with pytest.raises(ValidationError, match="deform_conv2d"):
+        SegmentationModelConfig(engine="birefnet", weights="ZhengPeng7/BiRefNet", dtype="bfloat16")
+    with pytest.raises(ValidationError, match="window mask"):
+        SegmentationModelConfig(engine="birefnet", weights="/models/rmbg", family="rmbg-2.0", dtype="float16")
+    assert SegmentationModelConfig(engine="birefnet", weights="briaai/RMBG-2.0", dtype="autocast").dtype == "autocast"
 
 
 def test_channels_last_gives_the_same_masks(engine, tiny_dir):
@@ -345,10 +431,55 @@ def test_dynamic_size_masks_match_the_disc_at_the_image_size(tiny_dir):
 def test_the_model_config_passes_every_speed_option_to_the_engine(hf_env, tiny_dir):
     from deployments.segmentation import SegmentationModelConfig, load_engine
 
-    config = SegmentationModelConfig(engine="birefnet", weights=str(tiny_dir), device="cpu", dtype="bfloat16",
+    config = SegmentationModelConfig(engine="birefnet", weights=str(tiny_dir), device="cpu", dtype="autocast",
                                      input_size=SIZE, dynamic_size=True, channels_last=True, pin_memory=False)
     engine, fallback_reason = load_engine("tiny", config)
     assert fallback_reason is None
     assert (engine.info.dtype, engine.dynamic_size, engine.channels_last, engine.pin_memory, engine.compile) == (
-        "bfloat16", True, True, False, False)
+        "autocast(bfloat16)", True, True, False, False)
     assert engine.warmup_s is not None  # warm-up is on by default in the service's config
+
+
+# ----------------------------------------------------------------- failures fall back
+
+
+def _tiny_copy_with(tiny_dir: Path, tmp_path: Path, code: str) -> Path:
+    """A copy of the tiny model whose birefnet.py also runs ``code`` (a broken repo)."""
+    broken = tmp_path / "broken"
+    shutil.copytree(tiny_dir, broken)
+    source = (broken / "birefnet.py").read_text()
+    (broken / "birefnet.py").write_text(source.replace("import torch\n", f"import torch\n{code}\n", 1))
+    return broken
+
+
+def _config(weights: Path, fallback: str | None = "classic"):
+    from deployments.segmentation import SegmentationModelConfig
+
+    return SegmentationModelConfig(engine="birefnet", weights=str(weights), device="cpu", input_size=SIZE,
+                                   fallback=fallback, warmup=False)
+
+
+def test_code_that_raises_while_loading_falls_back_with_the_exception_type_and_message(hf_env, tiny_dir, tmp_path):
+    from deployments.segmentation import load_engine
+
+    broken = _tiny_copy_with(tiny_dir, tmp_path, "raise AttributeError('Config has no attribute model_type')")
+    engine, reason = load_engine("tiny", _config(broken))
+    assert engine.info.engine == "classic"
+    assert "AttributeError" in reason and "Config has no attribute model_type" in reason
+
+
+def test_code_that_raises_without_a_fallback_is_a_startup_error_naming_the_model(hf_env, tiny_dir, tmp_path):
+    from deployments.segmentation import load_engine
+
+    broken = _tiny_copy_with(tiny_dir, tmp_path, "raise AttributeError('Config has no attribute model_type')")
+    with pytest.raises(RuntimeError, match="model 'tiny' cannot be loaded: .*AttributeError"):
+        load_engine("tiny", _config(broken, fallback=None))
+
+
+def test_code_that_needs_a_missing_package_falls_back_naming_it_and_the_install_command(hf_env, tiny_dir, tmp_path):
+    from deployments.segmentation import load_engine
+
+    broken = _tiny_copy_with(tiny_dir, tmp_path, "import strata_no_such_package")
+    engine, reason = load_engine("tiny", _config(broken))
+    assert engine.info.engine == "classic"
+    assert "strata_no_such_package" in reason and "pip install -e '.[remote-code]'" in reason

@@ -13,10 +13,18 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 
-# Stamp files: reinstall only when pyproject.toml changes.
+# Stamp files: reinstall only when pyproject.toml changes. `remote-code` is what the
+# published BiRefNet/RMBG-2.0 code imports. PyPI's torchvision is built against PyPI's
+# torch: beside a torch from elsewhere (a CPU build from a local wheel) it cannot import,
+# and transformers would then fail wherever it imports it, so it is removed (with timm,
+# which needs it) and those models fall back to classic, saying why.
 $(VENV)/.installed: pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet "$(TORCH_SPEC)"
-	$(BIN)/pip install --quiet -e '.[models]'
+	$(BIN)/pip install --quiet -e '.[models,remote-code]'
+	@$(BIN)/python -c 'import torchvision.ops, timm' 2>/dev/null || { \
+	  $(BIN)/pip uninstall --quiet -y torchvision timm; \
+	  echo "torchvision from PyPI does not run with this torch ($$($(BIN)/python -c 'import torch; print(torch.__version__)')): removed it and timm."; \
+	  echo "BiRefNet and RMBG-2.0 need them: install the torchvision built for this torch, e.g. from https://download.pytorch.org/whl/cpu"; }
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed

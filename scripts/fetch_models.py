@@ -31,6 +31,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # `deployments` when run as a script from anywhere
 
 from deployments import birefnet, qwen_layered  # noqa: E402  (torch-free imports)
+from deployments.remote_code import unimportable_packages  # noqa: E402
 from deployments.weights import hub_cache_dir, is_hub_id  # noqa: E402
 
 DEFAULT_CONFIG = ROOT / "configs" / "local.yaml"
@@ -147,7 +148,8 @@ def fetch(model: ModelWeights) -> Path:
 
 
 def check(models: list[ModelWeights]) -> int:
-    """Print each model, whether it is here and its size; 1 when any is missing."""
+    """Print each model, whether it is here and its size, and whether the packages its
+    code imports are installed; 1 when any is missing or cannot run."""
     missing = 0
     print(f"Hugging Face cache: {hub_cache_dir()}")
     for model in models:
@@ -159,9 +161,13 @@ def check(models: list[ModelWeights]) -> int:
             print(f"  MISSING  {model.label}  ({used_by}): {where}")
         else:
             print(f"  cached   {model.label}  ({used_by}): {human_size(size_on_disk(path))} in {path}")
+            if model.engine == "birefnet" and (packages := unimportable_packages(path)):
+                missing += 1
+                print(f"  CANNOT RUN  {model.label}: its code imports {', '.join(packages)}; "
+                      f"install them: {birefnet.PIP_HINT}")
     if missing:
-        print(f"{missing} of {len(models)} models missing: run python scripts/fetch_models.py"
-              " (with --config if not configs/local.yaml)", file=sys.stderr)
+        print(f"{missing} of {len(models)} models missing or unable to run: see above; fetch weights with "
+              "python scripts/fetch_models.py (with --config if not configs/local.yaml)", file=sys.stderr)
     return 1 if missing else 0
 
 

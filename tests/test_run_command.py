@@ -168,10 +168,13 @@ def one_place(tmp_path_factory) -> dict:
             "data_dir": tmp_path_factory.mktemp("one-place-data")}
 
 
-def start_in_one_place(tmp_path, place: dict, through_make: bool = False) -> tuple[subprocess.Popen, str]:
+def start_in_one_place(tmp_path, place: dict, through_make: bool = False,
+                       upload_timeout_s: float | None = None) -> tuple[subprocess.Popen, str]:
     """`make run`'s command (or `make run` itself) serving local.yaml's classic models
     on `place`'s ports and data: the process (leader of its own group) and the base URL."""
     config = local_yaml_with_one_model("classic")
+    if upload_timeout_s is not None:
+        config["applications"][0]["args"]["limits"]["upload_timeout_s"] = upload_timeout_s
     config["http_options"]["port"] = place["port"]
     config["applications"][0]["args"]["jobs"]["data_dir"] = str(place["data_dir"])
     config_path = tmp_path / "config.yaml"
@@ -311,7 +314,7 @@ def answers(host: str, port: int, path: str) -> int | None:
 
 def test_haproxys_stats_and_metrics_listen_on_the_configured_host_only(tmp_path, one_place):
     # Ray binds them on every interface; make run keeps them to http_options.host
-    # (127.0.0.1 here) and HAProxy's admin socket to its owner (serve_app/haproxy_binds.py).
+    # (127.0.0.1 here) and HAProxy's admin socket to its owner (serve_app/haproxy_overrides.py).
     elsewhere = another_address_of_this_machine()
     if elsewhere is None:
         pytest.skip("this machine has no address but loopback to probe from")
@@ -331,6 +334,84 @@ def test_haproxys_stats_and_metrics_listen_on_the_configured_host_only(tmp_path,
         config = Path(command[command.index("-f") + 1]).read_text()
         admin_socket = re.search(r"stats socket (\S+) mode", config).group(1)
         assert os.stat(admin_socket).st_mode & 0o777 == 0o600
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=90) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def replicas_named(process: subprocess.Popen, title: str) -> list[psutil.Process]:
+    """The processes under `process` whose title is `title` (short-lived workers that end
+    while they are listed are skipped)."""
+    found = []
+    for child in psutil.Process(process.pid).children(recursive=True):
+        try:
+            if child.cmdline()[:1] == [title]:
+                found.append(child)
+        except psutil.NoSuchProcess:
+            continue
+    return found
+
+
+def established_peers(process: psutil.Process) -> set:
+    return {c.raddr for c in process.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED}
+
+
+def test_a_request_whose_ingress_dies_gets_503_with_retry_after_and_the_ingress_comes_back(tmp_path, one_place):
+    # The ingress replica is killed while it reads an upload: Serve's proxy answers such
+    # a request with a bare 500; make run's HAProxy turns it into a 503 problem.
+    process, base = start_in_one_place(tmp_path, one_place)
+    try:
+        wait_until_healthy(base, process)
+        (ingress,) = replicas_named(process, "ray::ServeReplica:strata:Ingress")
+        before = established_peers(ingress)
+        rgb, _ = product_photo(320, 240)
+        boundary = "strata-test-boundary"
+        payload = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n'
+                   f"Content-Type: image/jpeg\r\n\r\n").encode() + jpeg_bytes(rgb) + f"\r\n--{boundary}--\r\n".encode()
+
+        def upload_that_outlives_its_ingress():
+            yield payload[:500]
+            deadline = time.monotonic() + 30
+            while not established_peers(ingress) - before:  # the upload has reached the replica
+                assert time.monotonic() < deadline, "the upload never reached the ingress"
+                time.sleep(0.05)
+            ingress.kill()
+            psutil.wait_procs([ingress], timeout=10)
+            yield payload[500:]
+
+        response = httpx.post(f"{base}/v1/remove-background", content=upload_that_outlives_its_ingress(),
+                              headers={"content-type": f"multipart/form-data; boundary={boundary}",
+                                       "content-length": str(len(payload))}, timeout=60)
+        assert response.status_code == 503
+        assert response.headers["retry-after"] == "1"
+        assert response.headers["content-type"] == "application/problem+json"
+        assert response.json()["status"] == 503
+        wait_until_healthy(base, process, timeout_s=60)  # Serve starts a new ingress replica
+        serves_a_cutout(base)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=90) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_a_connection_that_trickles_its_headers_is_closed_with_408_at_the_deadline(tmp_path, one_place):
+    # HAProxy's `timeout http-request` (limits.upload_timeout_s, 2 s here): a slowloris
+    # connection holds nothing past it.
+    process, base = start_in_one_place(tmp_path, one_place, upload_timeout_s=2)
+    try:
+        wait_until_healthy(base, process)
+        with socket.create_connection(("127.0.0.1", one_place["port"]), timeout=30) as trickle:
+            trickle.sendall(b"GET /healthz HTTP/1.1\r\nHost: strata\r\n")  # never the blank line
+            started = time.monotonic()
+            answer = trickle.recv(4096)
+            waited = time.monotonic() - started
+            assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+            assert trickle.recv(4096) == b""  # and the connection is closed
+        assert 1.5 < waited < 20
+        serves_a_cutout(base)
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=90) == 0
     finally:

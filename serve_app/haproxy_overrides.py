@@ -44,6 +44,7 @@ ERROR_FILES = re.compile(r"^(\s*)errorfile (50[234]) \S+\s*$", re.MULTILINE)
 DEFAULTS = re.compile(r"^defaults\s*$", re.MULTILINE)
 HTTP_FRONTEND_BIND = re.compile(r"^(frontend http_frontend\n(\s*)bind \S+\n)", re.MULTILINE)
 UNAVAILABLE_FILE = "strata-503.http"
+STRATA_CONFIG = "haproxy.strata.cfg"  # the changed copy, beside Ray's haproxy.cfg
 
 
 def _problem(detail: str) -> dict:
@@ -97,6 +98,29 @@ def override(config: str, *, host: str, unavailable_file: str, http_request_time
     return config
 
 
+def state_dirs_serving(base: str, host: str, port: int, since: float) -> list[str]:
+    """The directories under ``base`` (Ray's HAProxy state, one per node) holding a config
+    this wrapper wrote since ``since`` (a time.time()) for the HTTP frontend on host:port:
+    what a run that served there leaves, for it to remove once its HAProxy is gone."""
+    try:
+        names = os.listdir(base)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        config = os.path.join(base, name, STRATA_CONFIG)
+        try:
+            if os.path.getmtime(config) < since:
+                continue
+            with open(config) as f:
+                match = HTTP_FRONTEND_BIND.search(f.read())
+        except OSError:
+            continue
+        if match and match.group(1).rstrip().endswith(f"bind {host}:{port}"):
+            found.append(os.path.join(base, name))
+    return found
+
+
 def _write(path: str, text: str) -> None:
     staging = f"{path}.{os.getpid()}.tmp"  # Ray may start two at once (a reload)
     with open(staging, "w") as f:
@@ -126,7 +150,7 @@ def main(argv: list[str]) -> int:
         except (OSError, ValueError) as e:
             print(f"strata: not starting HAProxy with Ray's unchanged config: {e}", file=sys.stderr)
             return 2
-        args[index] = os.path.join(directory, "haproxy.strata.cfg")
+        args[index] = os.path.join(directory, STRATA_CONFIG)
         _write(args[index], config)
     os.execv(binary, [binary, *args])
     return 127  # not reached: execv replaces this process or raises

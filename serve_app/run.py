@@ -20,6 +20,7 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -256,6 +257,20 @@ def haproxy_overrides_env(config: dict[str, Any], env: dict[str, str]) -> dict[s
     }
 
 
+def remove_haproxy_state(config: dict[str, Any], env: dict[str, str], since: float) -> None:
+    """Remove the state directory Ray's HAProxy kept for this run (its config, sockets,
+    logs), once it is gone: found by the config serve_app/haproxy_overrides.py wrote there
+    for this run's HTTP port, so no other run's is touched."""
+    if env.get("RAY_SERVE_HAPROXY_BINARY_PATH") != str(Path(__file__).with_name("haproxy_overrides.py")):
+        return
+    from serve_app.haproxy_overrides import state_dirs_serving
+
+    http = config.get("http_options") or {}
+    base = env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "/tmp/haproxy-serve")
+    for directory in state_dirs_serving(base, str(http.get("host") or "127.0.0.1"), int(http.get("port", 8000)), since):
+        shutil.rmtree(directory, ignore_errors=True)
+
+
 def needed_ports(config: dict[str, Any], env: dict[str, str]) -> list[tuple[str, int, str]]:
     """(host, port, what for) of the fixed ports `serve run` will bind for `config` under `env`."""
     http = config.get("http_options") or {}
@@ -321,6 +336,7 @@ def main(argv: list[str]) -> int:
         return session.wait()
     finally:
         record_path.unlink(missing_ok=True)
+        remove_haproxy_state(config, env, session.started_at)
 
 
 if __name__ == "__main__":

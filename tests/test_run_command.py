@@ -20,6 +20,7 @@ import yaml
 from PIL import Image
 
 from serve_app.run import CPU_MODEL_MEMORY_ENV, MEMORY_ENV, SERVING_ENV, spare_serve_ports
+from serve_app.haproxy_overrides import state_dirs_serving
 from serve_app.serve_session import RunRecord, port_in_use
 from tests.conftest import ROOT, _free_port, load_config
 from tests.images import product_photo
@@ -213,6 +214,8 @@ def assert_nothing_left(record: RunRecord, place: dict) -> None:
     assert not port_in_use("127.0.0.1", place["port"])
     for name in ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT"):
         assert not port_in_use("127.0.0.1", int(place["serve_ports"][name])), name
+    # ... nor the state directory Ray's HAProxy kept for it.
+    assert state_dirs_serving("/tmp/haproxy-serve", "127.0.0.1", place["port"], since=0) == []
 
 
 # How each stop reaches the launcher: a terminal's Ctrl-C (the foreground group), kill,

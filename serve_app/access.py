@@ -136,8 +136,9 @@ def parse_keys(entries: Iterable[str], source: str) -> list[_Key]:
 class AccessControl:
     """The keys and rate limits of one ingress replica."""
 
-    def __init__(self, keys: list[_Key], rate_limit: str | None = None):
+    def __init__(self, keys: list[_Key], rate_limit: str | None = None, trusted_proxies: Iterable[str] = ()):
         self._keys = keys
+        self._trusted_proxies = frozenset(trusted_proxies)
         self._limits: list[RateLimitItem] = parse_many(rate_limit) if rate_limit else []
         self._limiter = MovingWindowRateLimiter(MemoryStorage()) if self._limits else None
 
@@ -159,7 +160,18 @@ class AccessControl:
                 raise ValueError(f"{source} is set but holds no API key (only blank entries or comments); "
                                  f"add a key, or unset it to run the API without keys")
             keys += found
-        return cls(keys, auth.rate_limit)
+        return cls(keys, auth.rate_limit, auth.trusted_proxies)
+
+    def client_address(self, scope: Scope) -> str:
+        """The address a request came from: the peer's, or, when the peer is a trusted
+        proxy, the last X-Forwarded-For entry (the one that proxy set)."""
+        client = scope.get("client")
+        peer = client[0] if client else "unknown"
+        if peer in self._trusted_proxies:
+            forwarded = _header(scope, b"x-forwarded-for")
+            if forwarded:
+                return forwarded.decode("latin-1").rsplit(",", 1)[-1].strip() or peer
+        return peer
 
     @property
     def keys_required(self) -> bool:
@@ -275,8 +287,7 @@ class AccessMiddleware:
             await self.app(scope, receive, send)
             return
         access = self._access()
-        client = scope.get("client")
-        address = client[0] if client else "unknown"
+        address = access.client_address(scope)
         if access.keys_required:
             presented = presented_key(scope)
             who = access.identify(presented)

@@ -149,6 +149,13 @@ class AuthConfig(BaseModel):
                           "`1000/hour`, `10/second;100/minute`; counted per ingress replica. Unset: no limit.",
     )
 
+    trusted_proxies: list[str] = Field(
+        ["127.0.0.1", "::1"],
+        description="Peer addresses whose X-Forwarded-For names the client, for per-address rate limits: the "
+                    "proxy in front of the ingress (make run's HAProxy connects from loopback and sets the "
+                    "header). Anyone else's X-Forwarded-For is ignored. On a cluster add the nodes' addresses.",
+    )
+
     @field_validator("rate_limit")
     @classmethod
     def _parses(cls, value: str | None) -> str | None:

@@ -12,7 +12,11 @@ Ray 2.60 writes HAProxy's config from a template nothing configures, and under
   ``text/plain`` 500 for a request whose replica died: clients take an outage for a
   server bug. (Strata's own 500s are ``application/problem+json``: left alone.);
 - it sets no ``timeout http-request``, so connections that trickle a request's headers
-  a byte at a time hold HAProxy's connections for as long as they like.
+  a byte at a time hold HAProxy's connections for as long as they like;
+- it passes no client address: every request reaches the ingress from HAProxy's, so
+  per-address rate limits would count all clients as one. The frontend now sets
+  ``X-Forwarded-For`` to the client's address (replacing any the client sent), which
+  the ingress trusts from its ``auth.trusted_proxies`` only.
 
 ``make run`` points ``RAY_SERVE_HAPROXY_BINARY_PATH`` here (serve_app/run.py). Ray starts
 this with the arguments it gives HAProxy; it writes a copy of the ``-f`` config beside
@@ -72,10 +76,12 @@ def _one(pattern: re.Pattern, replacement, text: str, what: str, count: int = 1)
     return rewritten
 
 
-def _replica_lost_rules(indent: str, retry_after_s: int) -> str:
+def _frontend_rules(indent: str, retry_after_s: int) -> str:
     body = json.dumps(_problem("An ingress replica stopped while it handled this request; "
                                "retry after the Retry-After seconds.")).replace('"', '\\"')
-    return (f"{indent}# Serve's proxy answers a request whose replica died with a bare text/plain 500.\n"
+    return (f"{indent}# The client's address, for per-address rate limits; never one the client sent.\n"
+            f"{indent}http-request set-header X-Forwarded-For %[src]\n"
+            f"{indent}# Serve's proxy answers a request whose replica died with a bare text/plain 500.\n"
             f"{indent}http-response return status 503 content-type application/problem+json "
             f"hdr Retry-After {retry_after_s} string \"{body}\" "
             f"if {{ status 500 }} {{ res.hdr(content-type) -m beg text/plain }}\n")
@@ -90,7 +96,7 @@ def override(config: str, *, host: str, unavailable_file: str, http_request_time
     config = _one(ADMIN_SOCKET_MODE, r"\1 mode 600 ", config, "the admin socket")
     config = _one(ERROR_FILES, lambda m: f"{m.group(1)}errorfile {m.group(2)} {unavailable_file}", config,
                   "the 502/503/504 error files", count=3)
-    config = _one(HTTP_FRONTEND_BIND, lambda m: m.group(1) + _replica_lost_rules(m.group(2), retry_after_s),
+    config = _one(HTTP_FRONTEND_BIND, lambda m: m.group(1) + _frontend_rules(m.group(2), retry_after_s),
                   config, "the HTTP frontend's bind")
     if "timeout http-request" not in config:
         config = _one(DEFAULTS, f"defaults\n    timeout http-request {http_request_timeout_s}s", config,

@@ -98,6 +98,19 @@ def test_missing_keys_file_is_a_startup_error(tmp_path):
         AccessControl.from_config(AuthConfig(api_keys_file=str(tmp_path / "absent")), {})
 
 
+def _scope(peer: str, forwarded: str | None) -> dict:
+    headers = [(b"x-forwarded-for", forwarded.encode())] if forwarded else []
+    return {"type": "http", "client": (peer, 40000), "headers": headers}
+
+
+def test_the_client_address_comes_from_x_forwarded_for_only_through_a_trusted_proxy():
+    access = AccessControl.from_config(AuthConfig(), environ={})  # trusts loopback: make run's HAProxy
+    assert access.client_address(_scope("127.0.0.1", "198.51.100.7")) == "198.51.100.7"
+    assert access.client_address(_scope("127.0.0.1", "203.0.113.1, 198.51.100.7")) == "198.51.100.7"
+    assert access.client_address(_scope("192.0.2.50", "198.51.100.7")) == "192.0.2.50"  # not our proxy: ignored
+    assert access.client_address(_scope("127.0.0.1", None)) == "127.0.0.1"
+
+
 def test_unparseable_rate_limit_is_a_config_error():
     with pytest.raises(ValueError, match="rate_limit"):
         AppConfig.model_validate({"segmentation": {"c": {"engine": "classic"}}, "default_model": "c",

@@ -43,10 +43,11 @@ def test_haproxys_own_errors_answer_503_and_requests_get_a_header_deadline():
     assert "defaults\n    timeout http-request 30s\n" in changed
 
 
-def test_serves_bare_500_for_a_lost_replica_becomes_a_503_problem_with_retry_after():
+def test_the_frontend_sets_the_client_address_and_turns_serves_bare_500_into_a_503_problem():
     changed = _override(RAY_LINES)
     frontend = changed[changed.index("frontend http_frontend"):changed.index("listen stats")]
     (rule,) = [line for line in frontend.splitlines() if "http-response" in line]
+    assert "    http-request set-header X-Forwarded-For %[src]\n" in frontend
     assert rule.strip().startswith("http-response return status 503 content-type application/problem+json")
     assert "hdr Retry-After 2 " in rule
     assert rule.endswith("if { status 500 } { res.hdr(content-type) -m beg text/plain }")

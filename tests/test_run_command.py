@@ -170,12 +170,13 @@ def one_place(tmp_path_factory) -> dict:
 
 
 def start_in_one_place(tmp_path, place: dict, through_make: bool = False,
-                       upload_timeout_s: float | None = None) -> tuple[subprocess.Popen, str]:
+                       **sections: dict) -> tuple[subprocess.Popen, str]:
     """`make run`'s command (or `make run` itself) serving local.yaml's classic models
-    on `place`'s ports and data: the process (leader of its own group) and the base URL."""
+    on `place`'s ports and data: the process (leader of its own group) and the base URL.
+    `sections` update sections of the app's args (e.g. limits={"upload_timeout_s": 2})."""
     config = local_yaml_with_one_model("classic")
-    if upload_timeout_s is not None:
-        config["applications"][0]["args"]["limits"]["upload_timeout_s"] = upload_timeout_s
+    for section, settings in sections.items():
+        config["applications"][0]["args"][section].update(settings)
     config["http_options"]["port"] = place["port"]
     config["applications"][0]["args"]["jobs"]["data_dir"] = str(place["data_dir"])
     config_path = tmp_path / "config.yaml"
@@ -403,7 +404,7 @@ def test_a_request_whose_ingress_dies_gets_503_with_retry_after_and_the_ingress_
 def test_a_connection_that_trickles_its_headers_is_closed_with_408_at_the_deadline(tmp_path, one_place):
     # HAProxy's `timeout http-request` (limits.upload_timeout_s, 2 s here): a slowloris
     # connection holds nothing past it.
-    process, base = start_in_one_place(tmp_path, one_place, upload_timeout_s=2)
+    process, base = start_in_one_place(tmp_path, one_place, limits={"upload_timeout_s": 2})
     try:
         wait_until_healthy(base, process)
         with socket.create_connection(("127.0.0.1", one_place["port"]), timeout=30) as trickle:
@@ -415,6 +416,28 @@ def test_a_connection_that_trickles_its_headers_is_closed_with_408_at_the_deadli
             assert trickle.recv(4096) == b""  # and the connection is closed
         assert 1.5 < waited < 20
         serves_a_cutout(base)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=90) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_each_client_address_has_its_own_rate_limit_behind_haproxy(tmp_path, one_place):
+    # Two clients on two loopback addresses: HAProxy passes each one's address, so one
+    # using up the rate leaves the other's untouched (Ray's HAProxy passed none: one bucket).
+    process, base = start_in_one_place(tmp_path, one_place, auth={"rate_limit": "2/minute"})
+    try:
+        wait_until_healthy(base, process)
+        rgb, _ = product_photo(64, 48)
+
+        def cutout(source: str) -> int:
+            with httpx.Client(transport=httpx.HTTPTransport(local_address=source), timeout=60) as client:
+                return client.post(f"{base}/v1/remove-background", headers={"X-Forwarded-For": "203.0.113.9"},
+                                   files={"image": ("p.jpg", jpeg_bytes(rgb), "image/jpeg")}).status_code
+
+        assert [cutout("127.0.0.3") for _ in range(3)] == [200, 200, 429]  # (the health polls came from .1)
+        assert cutout("127.0.0.2") == 200  # its own bucket; the forged header counted for nobody
         process.send_signal(signal.SIGTERM)
         assert process.wait(timeout=90) == 0
     finally:

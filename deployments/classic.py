@@ -95,6 +95,13 @@ _RESIDUAL_LEVELS_PER_NOISE = 3.0
 _SPECKLE_FRACTION = 0.0005
 # Unmixing needs the object and backdrop colours this far apart (RGB levels).
 _MIN_UNMIX_CONTRAST = 24.0
+# The backdrop model fits a plain or gradient backdrop's whole border to its noise; a
+# photo's busy surroundings leave much of the border unfitted, or a wide colour spread
+# even where they fit. Measured (scripts/classic_engine_reach.py): product shots on plain
+# and gradient backdrops fit 100 % of the border with a spread at the 1.0 floor; the
+# scikit-image photos fit 43-90 % or spread 4-10 Lab units.
+_FIT_MIN_BORDER_SHARE = 0.8
+_FIT_MAX_NOISE_LAB = 3.0
 # Unmixed alpha within this of 0 or 1 is texture or noise, not a partial pixel.
 _ALPHA_SNAP = 0.06
 _GUIDED_EPS = 1e-3
@@ -107,13 +114,19 @@ class _BackdropFit:
     lab: np.ndarray  # HxWx3 float32, the predicted backdrop in Lab
     noise: float  # median distance of a border pixel from the model, Lab units
     border_inliers: np.ndarray  # HxW bool, border pixels that fit the model
+    border_share: float  # the fraction of the border band's pixels that fit it
 
 
 class ClassicCutoutEngine(SegmentationEngine):
     """Background removal for product shots on plain or gradient backdrops.
 
-    Deterministic: the same image always gets the same mask.
+    Deterministic: the same image always gets the same mask. Where its backdrop model
+    does not fit an image's border (a photo's busy surroundings), the image's warning
+    (``predict_with_warnings``) says so.
     """
+
+    about = ("weights-free: made for product shots on plain or gradient backdrops, "
+             "not for photos with busy backgrounds")
 
     info = EngineInfo(engine="classic", device="cpu", dtype="uint8", max_side=1024)
 
@@ -126,25 +139,39 @@ class ClassicCutoutEngine(SegmentationEngine):
         Images larger than ``info.max_side`` are processed at that size and their
         masks scaled back up.
         """
+        return [mask for mask, _ in self.predict_with_warnings(images)]
+
+    def predict_with_warnings(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, str | None]]:
+        """Masks, each with a warning where the backdrop model fits the image poorly."""
         return [self._cutout(image) for image in images]
 
-    def _cutout(self, image: np.ndarray) -> np.ndarray:
+    def _cutout(self, image: np.ndarray) -> tuple[np.ndarray, str | None]:
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise ValueError(f"expected an HxWx3 uint8 image, got {image.shape} {image.dtype}")
         height, width = image.shape[:2]
         if height == 0 or width == 0:
-            return np.zeros((height, width), np.uint8)
+            return np.zeros((height, width), np.uint8), None
         work = _fit_within(image, self.info.max_side)
         small = _fit_within(work, _CUTOUT_SEGMENT_SIDE)
         lab = cv2.cvtColor(small.astype(np.float32) / 255.0, cv2.COLOR_RGB2Lab)
         backdrop = _fit_border_backdrop(lab)
+        warning = _poor_fit_warning(backdrop)
         foreground = _segment_cutout(lab, backdrop)
         if not foreground.any():
-            return np.zeros((height, width), np.uint8)
+            return np.zeros((height, width), np.uint8), warning
         alpha = _mat_cutout_edges(work, foreground, backdrop.lab)
         if alpha.shape != (height, width):
             alpha = cv2.resize(alpha, (width, height), interpolation=cv2.INTER_LINEAR)
-        return alpha
+        return alpha, warning
+
+
+def _poor_fit_warning(backdrop: _BackdropFit) -> str | None:
+    """What to tell the user when the backdrop model does not fit the image's border."""
+    if backdrop.border_share >= _FIT_MIN_BORDER_SHARE and backdrop.noise <= _FIT_MAX_NOISE_LAB:
+        return None
+    return (f"the classic engine is made for plain or gradient backdrops and this image's is not one "
+            f"({backdrop.border_share:.0%} of its border fits a smooth backdrop, colour spread "
+            f"{backdrop.noise:.1f} Lab units): the cutout is likely wrong; photos need BiRefNet or RMBG-2.0")
 
 
 def _fit_within(image: np.ndarray, max_side: int | None) -> np.ndarray:
@@ -203,7 +230,8 @@ def _fit_border_backdrop(lab: np.ndarray) -> _BackdropFit:
     predicted = np.stack(terms, axis=2) @ coef
     border_inliers = np.zeros((height, width), bool)
     border_inliers[border] = distance < _BACKDROP_Z * noise
-    return _BackdropFit(predicted.astype(np.float32), noise, border_inliers)
+    return _BackdropFit(predicted.astype(np.float32), noise, border_inliers,
+                        float(border_inliers.sum()) / max(samples, 1))
 
 
 def _fit_trimmed(
@@ -439,6 +467,7 @@ class ClassicLayerEngine(LayerEngine):
     """
 
     info = EngineInfo(engine="classic", device="cpu", dtype="uint8")
+    about = "weights-free: made for flat graphics (posters, logos, UI), not for photos"
 
     def load(self) -> None:
         """Nothing to load: the engine has no weights."""

@@ -48,6 +48,11 @@ class SegmentationEngine(ABC):
         size unless ``info.input_size`` is set (then the caller sends that size).
         """
 
+    def predict_with_warnings(self, images: list[np.ndarray]) -> list[tuple[np.ndarray, str | None]]:
+        """Masks for a batch, each with a warning for its user when the engine can tell
+        that its mask is likely poor (None when all is well, and from engines that cannot)."""
+        return [(mask, None) for mask in self.predict(images)]
+
 
 @dataclass(frozen=True)
 class LayerParams:

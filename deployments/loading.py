@@ -56,6 +56,8 @@ def health_report(engine: Any, weights: str | None, fallback_reason: str | None)
         "weights": weights if info.engine != "classic" else None,
         "loaded": True,
         "fallback_reason": fallback_reason,
+        # What a weights-free engine is for, wherever it serves (configured or fallen back to).
+        "engine_about": getattr(engine, "about", None),
         "gpu_memory": _gpu_memory(info.device),
         "gpu_name": _gpu_name(info.device),
     }

@@ -93,6 +93,7 @@ class Segmentation:
     engine: str
     batch_size: int
     engine_ms: float  # the engine call that made it: its whole batch
+    warning: str | None = None  # the engine's word that this mask is likely poor
 
 
 @dataclass(eq=False)
@@ -181,10 +182,11 @@ class SegmentationDeployment:
         started = time.perf_counter()
         # The engine call blocks; a thread keeps this replica's loop free to queue
         # the next batch meanwhile.
-        masks = await asyncio.to_thread(self._engine.predict, [request.image for request in requests])
+        results = await asyncio.to_thread(self._engine.predict_with_warnings, [request.image for request in requests])
         seconds = time.perf_counter() - started
         self._metrics.observe_call(seconds)
-        return [Segmentation(mask, self._engine.info.engine, len(requests), seconds * 1000) for mask in masks]
+        return [Segmentation(mask, self._engine.info.engine, len(requests), seconds * 1000, warning)
+                for mask, warning in results]
 
     def _report_waiting(self) -> None:
         self._metrics.set_queue_depth(len(self._waiting))

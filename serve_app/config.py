@@ -182,7 +182,7 @@ class CorsConfig(BaseModel):
         default_factory=lambda: ["Authorization", "X-Api-Key", "Content-Type", "Prefer", "X-Request-ID"],
     )
     expose_headers: list[str] = Field(
-        default_factory=lambda: ["Location", "Retry-After", "X-Request-ID", "X-Model", "X-Engine", "X-Batch-Size",
+        default_factory=lambda: ["Location", "Retry-After", "X-Request-ID", "X-Model", "X-Engine", "X-Engine-Warning", "X-Batch-Size",
                                  "X-Processing-Ms", "Server-Timing", "X-Width", "X-Height", "Preference-Applied",
                                  "Content-Disposition"],
         description="Response headers a page's script may read.",

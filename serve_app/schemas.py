@@ -53,6 +53,7 @@ class ModelHealth(BaseModel):
     weights: str | None = Field(None, description="Model id or directory the weights came from.")
     loaded: bool = False
     fallback_reason: str | None = Field(None, description="Why the classic engine serves instead of the configured one.")
+    engine_about: str | None = Field(None, description="What a weights-free engine is made for, and not for.")
     replicas: dict[str, int] = Field(default_factory=dict, description="Replica count by state.")
     max_batch_size: int | None = None
     batch_wait_timeout_s: float | None = None
@@ -140,6 +141,7 @@ class JobResult(BaseModel):
     pptx_url: str | None = Field(None, description="Absent on jobs finished before PPTX export existed.")
     manifest_url: str
     timings: dict[str, float]
+    warning: str | None = Field(None, description="Why the layers are likely poor, when the service can tell.")
 
 
 class JobView(BaseModel):
@@ -157,6 +159,8 @@ class JobView(BaseModel):
     params: dict[str, Any]
     error: str | None
     result: JobResult | None
+    warning: str | None = Field(None, description="Why the result is likely poor (e.g. fewer layers with content "
+                                                   "than asked for), when the service can tell; null when all is well.")
     attempts: int
     cancel_requested: bool
 

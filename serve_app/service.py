@@ -67,6 +67,7 @@ class Cutout:
     batch_size: int
     processing_ms: float
     timing: ServerTiming
+    warning: str | None = None  # the engine's word that the cutout is likely poor (X-Engine-Warning)
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ class Matte:
     batch_size: int
     started: float  # time.perf_counter() when the work began
     timing: ServerTiming
+    warning: str | None = None  # the engine's word that the alpha is likely poor
 
     def elapsed_ms(self) -> float:
         return _ms_since(self.started)
@@ -89,6 +91,15 @@ class Matte:
     def pixels(self) -> int:
         """The image's pixel count: what its render costs (`CpuSteps.run`)."""
         return self.image.width * self.image.height
+
+
+def engine_headers(result: Cutout | Matte) -> dict[str, str]:
+    """Which model and engine made `result`, and the engine's warning when it gave one
+    (`X-Engine-Warning`: the result is still returned, the client should know)."""
+    headers = {"X-Model": result.model, "X-Engine": result.engine}
+    if result.warning:
+        headers["X-Engine-Warning"] = result.warning
+    return headers
 
 
 def _ms_since(started: float) -> float:
@@ -186,7 +197,7 @@ class StrataService:
                 format=params.format, bg_color=bg_color, crop=params.crop, refine_foreground=params.refine_foreground,
             )
         timing = replace(matte.timing, render_ms=_ms_since(render_started))
-        return Cutout(rendered, matte.model, matte.engine, matte.batch_size, matte.elapsed_ms(), timing)
+        return Cutout(rendered, matte.model, matte.engine, matte.batch_size, matte.elapsed_ms(), timing, matte.warning)
 
     async def matte(self, data: bytes, model: str, *, max_pixels: int | None = None) -> Matte:
         """Decode `data` (shrunk to at most `max_pixels` when given) and segment it with
@@ -204,7 +215,7 @@ class StrataService:
         timing = ServerTiming(decode_ms=decode_ms, model_ms=_ms_since(model_started), engine_ms=result.engine_ms)
         alpha = (full_mask if image.alpha is None
                  else await self.cpu_steps.run(full_mask.size, np.minimum, full_mask, image.alpha))
-        return Matte(image, alpha, input_size, model, result.engine, result.batch_size, started, timing)
+        return Matte(image, alpha, input_size, model, result.engine, result.batch_size, started, timing, result.warning)
 
     async def alpha_mask(self, model: str, image: imaging.DecodedImage) -> tuple[np.ndarray, Segmentation]:
         """The image-sized alpha mask of `model`, and the model's answer (engine, batch size, time)."""

@@ -1,7 +1,7 @@
 """POST /v1/remove-background over real HTTP on a real local Ray (configs/test.yaml).
 
-The `tiny` model is the offline tiny BiRefNet-interface model loaded through
-from_pretrained(trust_remote_code=True); it calls saturated red pixels foreground.
+The `tiny` model is the offline tiny stand-in for the published BiRefNet code, loaded
+through deployments.remote_code; it calls saturated red pixels foreground.
 """
 
 from __future__ import annotations
@@ -154,6 +154,22 @@ def test_classic_engine_cuts_out_a_product_photo_cleanly(client):
     alpha = np.asarray(open_image(response.content))[..., 3]
     assert iou(alpha >= 128, truth) >= 0.95
     assert (alpha[:20, :20] == 0).all()
+
+
+def test_classic_engine_on_a_plain_product_shot_gives_no_engine_warning(client):
+    rgb, _ = product_photo(800, 600, background="plain", seed=2)
+    response = post_image(client, jpeg_bytes(rgb), "mug.jpg", "image/jpeg", model="classic")
+    assert response.status_code == 200
+    assert "x-engine-warning" not in response.headers
+
+
+def test_classic_engine_on_a_busy_photo_still_answers_and_says_the_cutout_is_likely_wrong(client):
+    from skimage.data import astronaut  # a real photo, bundled with scikit-image
+
+    response = post_image(client, jpeg_bytes(astronaut()), "astronaut.jpg", "image/jpeg", model="classic")
+    assert response.status_code == 200 and response.headers["x-engine"] == "classic"
+    warning = response.headers["x-engine-warning"]
+    assert "plain or gradient backdrops" in warning and "BiRefNet" in warning
 
 
 def test_default_model_serves_when_none_is_named(client):

@@ -6,7 +6,7 @@ from fastapi import APIRouter, Query, Request, Response
 
 from serve_app.openapi import IMAGE_BODY
 from serve_app.schemas import PROBLEM_RESPONSES, RemoveBackgroundParams
-from serve_app.service import CurrentService
+from serve_app.service import CurrentService, engine_headers
 from serve_app.uploads import read_image_input
 
 router = APIRouter()
@@ -35,8 +35,7 @@ async def remove_background(request: Request, params: Annotated[RemoveBackground
         rendered.data,
         media_type=rendered.media_type,
         headers={
-            "X-Model": cutout.model,
-            "X-Engine": cutout.engine,
+            **engine_headers(cutout),
             "X-Batch-Size": str(cutout.batch_size),
             "X-Processing-Ms": f"{cutout.processing_ms:.1f}",
             "Server-Timing": cutout.timing.header(),

@@ -40,7 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from serve_app import imaging
 from serve_app.problems import ProblemError
 from serve_app.routes.detail_errors import DETAIL_RESPONSES, DetailErrorRoute, missing_field, validation_error
-from serve_app.service import CurrentService, Matte, StrataService
+from serve_app.service import CurrentService, Matte, StrataService, engine_headers
 from serve_app.uploads import read_form
 
 router = APIRouter(route_class=DetailErrorRoute, tags=["rembg compatible"], responses=DETAIL_RESPONSES)
@@ -118,7 +118,7 @@ async def _remove(service: StrataService, data: bytes, params: RembgParams, mode
         matte = await service.matte(data, model)
         png = await service.cpu_steps.run(matte.pixels, _render, matte, params)
     service.request_metrics.observe("/api/remove", matte.model, matte.elapsed_ms() / 1000)
-    return Response(png, media_type="image/png", headers={"X-Model": matte.model, "X-Engine": matte.engine})
+    return Response(png, media_type="image/png", headers=engine_headers(matte))
 
 
 _PNG = {200: {"description": "The cutout (RGBA) or mask (with om=true), as PNG", "content": {"image/png": {}}}}

@@ -62,7 +62,7 @@ from serve_app import imaging
 from serve_app.config import UploadLimits
 from serve_app.problems import ProblemError
 from serve_app.schemas import error_responses
-from serve_app.service import CurrentService, Matte, StrataService
+from serve_app.service import CurrentService, Matte, StrataService, engine_headers
 from serve_app.uploads import is_multipart, read_body, read_form
 
 
@@ -505,8 +505,7 @@ async def remove_background(request: Request, service: CurrentService) -> Respon
         "X-Foreground-Left": str(left),
         "X-Foreground-Width": str(fg_width),
         "X-Foreground-Height": str(fg_height),
-        "X-Model": matte.model,
-        "X-Engine": matte.engine,
+        **engine_headers(matte),
     }
     if options.type != "auto" and options.type_level != "none":
         headers["X-Type"] = options.type

@@ -287,6 +287,8 @@ def layers(
     console.print(table)
     for path in written[len(job.result.layers):]:
         console.print(f"wrote {escape(str(path))}")
+    if job.warning:
+        _stderr().print(f"warning: {escape(job.warning)}")
 
 
 def _follow(strata: StrataClient, job: Job) -> Job:

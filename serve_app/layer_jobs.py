@@ -249,6 +249,7 @@ class LayerJobRunner:
             "pptx_url": f"/v1/jobs/{job.id}/result.pptx",
             "manifest_url": f"/v1/jobs/{job.id}/manifest.json",
             "timings": manifest["timings"],
+            "warning": empty_layers_warning(info, engine),
         }
 
     # -- listeners (SSE, Prefer: wait) ----------------------------------------
@@ -314,6 +315,18 @@ class LayerJobRunner:
             self.unsubscribe(job_id, queue)
 
 
+def empty_layers_warning(layers: list[dict[str, Any]], engine: str) -> str | None:
+    """What to tell the user when fewer layers have content than were asked for (a photo
+    through the classic engine: the whole image in layer 1, the rest empty)."""
+    filled = sum(1 for layer in layers if layer["bbox"] is not None)
+    if filled == len(layers):
+        return None
+    warning = f"only {filled} of the {len(layers)} layers asked for have content: the {engine} engine found fewer parts"
+    if engine == "classic":
+        warning += "; it is made for flat graphics (posters, logos, UI), not photos, which need Qwen-Image-Layered"
+    return warning
+
+
 def job_json(job: Job) -> dict[str, Any]:
     """The public JSON of a job (`GET /v1/jobs/{id}`)."""
     return {
@@ -329,6 +342,7 @@ def job_json(job: Job) -> dict[str, Any]:
         "params": job.params,
         "error": job.error,
         "result": job.result,
+        "warning": (job.result or {}).get("warning"),
         "attempts": job.attempts,
         "cancel_requested": job.cancel_requested,
     }

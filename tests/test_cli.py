@@ -194,6 +194,16 @@ def test_layers_without_bundle_flags_writes_only_the_pngs(strata, tmp_path):
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["layer_01.png", "layer_02.png"]
 
 
+def test_layers_of_a_photo_through_classic_prints_the_jobs_warning(strata, tmp_path):
+    from skimage.data import astronaut  # a real photo, bundled with scikit-image
+
+    (tmp_path / "astronaut.png").write_bytes(png_bytes(astronaut()))
+    result = strata_cli(strata, "layers", str(tmp_path / "astronaut.png"), "-o", str(tmp_path / "out"),
+                        "-n", "4", "--model", "classic")
+    assert result.exit_code == 0, result.output
+    assert "warning: only 1 of the 4 layers asked for have content" in " ".join(result.stderr.split())
+
+
 def test_layers_reports_the_servers_reason_for_a_bad_parameter(strata, tmp_path):
     rgb, _ = flat_design(320, 240, seed=2)
     (tmp_path / "logo.png").write_bytes(png_bytes(rgb))

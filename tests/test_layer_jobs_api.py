@@ -157,6 +157,23 @@ def test_manifest_says_when_the_job_finished(client, finished_classic_job):
     assert json.loads(archive.read("manifest.json"))["finished_at"] == finished_at
 
 
+def test_a_flat_design_with_as_many_parts_as_layers_has_no_warning(client, design):
+    response = submit(client, png_bytes(design[0]), headers={"Prefer": "wait=60"}, model="classic", layers=3)
+    assert response.status_code == 200
+    assert response.json()["warning"] is None
+
+
+def test_a_photo_through_the_classic_engine_succeeds_with_a_warning_that_survives_a_reread(client):
+    from skimage.data import astronaut  # a real photo, bundled with scikit-image
+
+    response = submit(client, png_bytes(astronaut()), headers={"Prefer": "wait=60"}, model="classic", layers=4)
+    assert response.status_code == 200
+    job = response.json()
+    assert job["status"] == "succeeded"
+    assert "of the 4 layers asked for have content" in job["warning"] and "flat graphics" in job["warning"]
+    assert client.get(f"/v1/jobs/{job['id']}").json()["warning"] == job["warning"]  # stored with the job
+
+
 def test_tiny_qwen_job_streams_one_progress_event_per_step(client):
     data, _ = red_disc_png(64, 48)
     job = submit(client, data, **QWEN).json()

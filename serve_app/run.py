@@ -169,8 +169,12 @@ def ready_lines(base: str, health: dict[str, Any]) -> list[str]:
     if health.get("layer_models"):
         names += f"; layer models: {', '.join(health['layer_models'])}"
     lines = [f"Strata is ready at {base} ({names})"]
+    fallen = {name: model for name, model in models.items() if model.get("fallback_reason")}
     lines += [f"  {name} serves the {model.get('engine')} engine instead: {model['fallback_reason']}"
-              for name, model in models.items() if model.get("fallback_reason")]
+              for name, model in fallen.items()]
+    # What those engines are for, once each (the cutout and the layer engine differ).
+    abouts = dict.fromkeys(model["engine_about"] for model in fallen.values() if model.get("engine_about"))
+    lines += [f"  ({model_about}; the real models: README, \"On a GPU box\")" for model_about in abouts]
     return lines
 
 

@@ -51,10 +51,12 @@
     cutoutStage: $("cutout-stage"),
     cutoutImage: $("cutout-image"),
     cutoutMeta: $("cutout-meta"),
+    cutoutNote: $("cutout-note"),
     cutoutDownload: $("cutout-download"),
     layers: $("layers-result"),
     stack: $("stack-preview"),
     layersMeta: $("layers-meta"),
+    layersNote: $("layers-note"),
     layerList: $("layer-list"),
     zip: $("download-zip"),
     psd: $("download-psd"),
@@ -567,6 +569,8 @@
         ` · ${format.toUpperCase()} ${formatBytes(blob.size)} · ${h.get("X-Model")} (${h.get("X-Engine")})`
           + ` · ${seconds(Number(h.get("X-Processing-Ms")))}`,
       );
+      showEngineNote(ui.cutoutNote, modelsForTask().models[h.get("X-Model")] || {}, h.get("X-Engine"),
+                     h.get("X-Engine-Warning"));
       ui.cutoutDownload.href = state.cutoutUrl;
       ui.cutoutDownload.download = `${baseName(file.name)}-${output}.${format}`;
       ui.cutoutDownload.textContent = output === "mask" ? "Download mask" : "Download cutout";
@@ -763,6 +767,23 @@
     }
   }
 
+  // Beside a result made by a weights-free engine: which engine, what it is for, why the
+  // configured model is not serving (from /v1/health), the engine's warning about this
+  // result, and where the real models' setup is described. Hidden for a model's results.
+  function showEngineNote(note, info, engine, warning) {
+    note.replaceChildren();
+    note.hidden = !(engine === "classic" || warning);
+    if (note.hidden) return;
+    note.append(el("strong", { text: info.fallback_reason
+      ? `Made by the ${engine} engine: the configured model is not serving.`
+      : `Made by the ${engine} engine.` }));
+    if (info.engine_about) note.append(el("span", { text: `The ${engine} engine is ${info.engine_about}.` }));
+    if (warning) note.append(el("span", { class: "engine-warning", text: `About this result: ${warning}.` }));
+    if (info.fallback_reason) note.append(el("span", { text: `Why: ${info.fallback_reason}` }));
+    note.append(el("span", { text: "To serve the real models, see the README's \u201cOn a GPU box\u201d "
+      + "(weights in the Hugging Face cache: scripts/fetch_models.py; HF_TOKEN for RMBG-2.0)." }));
+  }
+
   function bboxText(bbox) {
     if (!bbox) return "empty";
     const [x, y, w, h] = bbox;
@@ -815,6 +836,7 @@
     ui.manifest.href = result.manifest_url;
     ui.manifest.download = `${job.id}-manifest.json`;
     ui.manifest.setAttribute("aria-label", "Download the manifest (JSON)");
+    showEngineNote(ui.layersNote, modelsForTask().models[result.model] || {}, result.engine, job.warning);
     ui.layersMeta.replaceChildren(
       el("strong", { text: `${result.layers.length} layers · ${result.width} × ${result.height} px` }),
       ` · ${result.model} (${result.engine})`,

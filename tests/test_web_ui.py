@@ -18,6 +18,7 @@ from PIL import Image
 from pptx import Presentation
 from psd_tools import PSDImage
 
+from tests.conftest import deploy_config, tiny_config
 from tests.images import flat_design
 from tests.test_remove_background_api import png_bytes, red_disc_png
 
@@ -161,6 +162,62 @@ def test_cutout_is_rendered_on_a_checkerboard(ui, disc_png):
     expect(page.locator("#cutout-meta")).to_contain_text("tiny (birefnet)")
     expect(page.locator("#cutout-download")).to_have_attribute("download", "red-disc-cutout.png")
     ui.screenshot("desktop-2-cutout")
+
+
+def test_a_models_own_cutout_shows_no_engine_note(ui, disc_png):
+    ui.choose(disc_png)
+    ui.page.locator("#model").select_option("tiny")
+    ui.page.locator("#run").click()
+    expect(ui.page.locator("#cutout-image")).to_be_visible(timeout=SLOW_MS)
+    expect(ui.page.locator("#cutout-note")).to_be_hidden()
+
+
+@pytest.fixture
+def with_a_fallback(browser, serve_instance, tiny_models_dir, data_dir, tmp_path):
+    """The page on configs/test.yaml plus `unserved`, a BiRefNet whose weights are not
+    here: it serves the classic engine, saying why. (The next test's `strata` fixture
+    deploys test.yaml again.)"""
+    config = tiny_config(tiny_models_dir, data_dir)
+    app = config["applications"][0]
+    app["args"]["segmentation"]["unserved"] = {"engine": "birefnet", "weights": str(tmp_path / "no-such-model"),
+                                               "fallback": "classic", "warmup": False}
+    app["deployments"].append({"name": "unserved", "num_replicas": 1})
+    deploy_config(config)
+    ui = _new_ui(browser, serve_instance, DESKTOP)
+    yield ui.open()
+    ui.page.context.close()
+
+
+def photo_png(tmp_path) -> Path:
+    from skimage.data import astronaut  # a real photo, bundled with scikit-image
+
+    path = tmp_path / "astronaut.png"
+    path.write_bytes(png_bytes(astronaut()))
+    return path
+
+
+def test_a_fallback_cutout_shows_a_note_naming_the_engine_why_and_what_it_is_for(with_a_fallback, tmp_path):
+    page = with_a_fallback.page
+    with_a_fallback.choose(photo_png(tmp_path))
+    page.locator("#model").select_option("unserved")
+    page.locator("#run").click()
+    expect(page.locator("#cutout-image")).to_be_visible(timeout=SLOW_MS)
+    note = page.locator("#cutout-note")
+    expect(note).to_be_visible()
+    expect(note).to_contain_text("Made by the classic engine: the configured model is not serving.")
+    expect(note).to_contain_text("no-such-model")  # why: the weights it looked for
+    expect(note).to_contain_text("made for product shots on plain or gradient backdrops")
+    expect(note.locator(".engine-warning")).to_contain_text("the cutout is likely wrong")
+    expect(note).to_contain_text("On a GPU box")
+    with_a_fallback.screenshot("desktop-fallback-note")
+
+
+def test_classic_layers_of_a_photo_show_the_jobs_warning(ui, tmp_path):
+    ui.decompose(photo_png(tmp_path), layers=4)
+    note = ui.page.locator("#layers-note")
+    expect(note).to_be_visible()
+    expect(note).to_contain_text("made for flat graphics")
+    expect(note.locator(".engine-warning")).to_contain_text("of the 4 layers asked for have content")
 
 
 def test_mask_download_is_the_mask(ui, disc_png):

@@ -218,6 +218,26 @@ def test_bad_parameters_are_400_with_remove_bgs_code(client, field, value, code)
     assert_error(removebg(client, data, **{field: value}), code)
 
 
+def _with_a_background_file(client, **fields):
+    data, _ = red_disc_png()
+    files = {"image_file": ("file.png", data, "image/png"), "bg_image_file": ("bg.png", data, "image/png")}
+    return client.post("/v1.0/removebg", headers=KEY, files=files, data=fields)
+
+
+def test_a_background_image_sent_as_a_file_is_refused_as_unsupported_not_ignored(client):
+    error = assert_error(_with_a_background_file(client), "unsupported_parameter")
+    assert "bg_image_file" in error["title"]
+
+
+@pytest.mark.parametrize("as_file", [True, False], ids=["file", "text"])
+def test_bg_color_with_a_background_image_is_multiple_bg_sources_in_either_form(client, as_file):
+    if as_file:
+        response = _with_a_background_file(client, bg_color="fff")
+    else:
+        response = removebg(client, red_disc_png()[0], bg_color="fff", bg_image_file="bg.png")
+    assert_error(response, "multiple_bg_sources")
+
+
 def test_a_corrupt_file_is_failed_to_read_image(client):
     data, _ = red_disc_png()
     assert_error(removebg(client, data[: len(data) // 2]), "failed_to_read_image")

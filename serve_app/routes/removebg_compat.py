@@ -252,14 +252,14 @@ def _color(text: str) -> imaging.Color:
 
 def parse_options(values: dict[str, str]) -> Options:
     """remove.bg's parameters from a request's fields, or the 400 remove.bg gives."""
+    if values.get("bg_color") and (values.get("bg_image_url") or values.get("bg_image_file")):
+        raise _bad("multiple_bg_sources", "Multiple background sources given: Please provide either the "
+                   "bg_color, the bg_image_url or the bg_image_file parameter.")
     for name, default in _UNSUPPORTED.items():
         if (values.get(name) or default) != default:
             raise _bad("unsupported_parameter", f"Parameter '{name}' is not supported by this server",
                        f"Strata does not implement remove.bg's {name}; leave it out")
     size = _choice(values, "size", _SIZES, "preview", "invalid_size")
-    if values.get("bg_color") and (values.get("bg_image_url") or values.get("bg_image_file")):
-        raise _bad("multiple_bg_sources", "Multiple background sources given: Please provide either the "
-                   "bg_color, the bg_image_url or the bg_image_file parameter.")
     _flag(values, "add_shadow", False)
     _flag(values, "semitransparency", True)
     return Options(
@@ -299,7 +299,10 @@ async def read_request(request: Request, limits: UploadLimits) -> RemoveBgReques
     if is_multipart(request):
         form = await read_form(request, limits, max_field_bytes=max_b64_bytes)
         upload = form.files.get("image_file")
-        return RemoveBgRequest(dict(form.fields), upload.data if upload else None)
+        values = dict(form.fields)
+        if "bg_image_file" in form.files:  # sent as a file, it is refused as it is as text
+            values["bg_image_file"] = form.files["bg_image_file"].filename or "(a file)"
+        return RemoveBgRequest(values, upload.data if upload else None)
     body = await read_body(request, max_b64_bytes + 64 * 1024, limits.upload_timeout_s)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":

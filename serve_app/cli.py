@@ -18,6 +18,7 @@ from typing import Annotated, Literal, TypeVar
 
 import anyio
 import typer
+from typer.core import TyperCommand, TyperGroup
 from rich import box
 from rich.console import Console
 from rich.markup import escape
@@ -46,7 +47,26 @@ from serve_app.client import Progress as JobProgress
 
 T = TypeVar("T")
 
+class _HelpWithoutType:
+    """Typer's --help, showing no `<bool>` type either (see `_flag`)."""
+
+    def get_help_option(self, ctx):
+        option = super().get_help_option(ctx)
+        if option is not None:
+            option.metavar = ""
+        return option
+
+
+class _Command(_HelpWithoutType, TyperCommand):
+    """A command of `strata`."""
+
+
+class _Group(_HelpWithoutType, TyperGroup):
+    """`strata` itself."""
+
+
 app = typer.Typer(
+    cls=_Group,
     name="strata",
     help="Remove backgrounds and decompose images into layers with a Strata server.",
     no_args_is_help=True,
@@ -62,6 +82,12 @@ Server = Annotated[str, typer.Option("--server", "-s", envvar=URL_ENV, help="Str
 ApiKey = Annotated[str | None, typer.Option(
     "--api-key", envvar=API_KEY_ENV, show_default=False, help="Sent as 'Authorization: Bearer <key>'.")]
 Timeout = Annotated[float, typer.Option("--timeout", min=1, help="Seconds to wait for each answer.")]
+
+
+def _flag(*names: str, help: str):  # noqa: A002 - typer's own name for it
+    """An on/off option. (Typer's help shows the type of each option, `<bool>` for a flag
+    that takes no value; an empty metavar leaves it out.)"""
+    return typer.Option(*names, metavar="", help=help)
 
 
 def _stdout() -> Console:
@@ -160,20 +186,20 @@ async def _remove_backgrounds(todo: list[tuple[Path, Path]], outcome: BatchOutco
         await asyncio.gather(*(worker(strata) for _ in range(min(concurrency, len(todo)))))
 
 
-@app.command("remove-bg")
+@app.command("remove-bg", cls=_Command)
 def remove_bg(
     paths: Annotated[list[Path], typer.Argument(exists=True, show_default=False,
                                                 help="Images and folders of images (searched recursively).")],
     out: Annotated[Path, typer.Option("--out", "-o", file_okay=False, help="Folder for the results.")],
     model: Annotated[str | None, typer.Option(help="Model (see 'strata health'); default: the server's.")] = None,
-    mask: Annotated[bool, typer.Option("--mask", help="Write the 8-bit alpha mask instead of the cutout.")] = False,
+    mask: Annotated[bool, _flag("--mask", help="Write the 8-bit alpha mask instead of the cutout.")] = False,
     format: Annotated[Literal["png", "webp"], typer.Option("--format", "-f", help="WebP is lossless.")] = "png",
     bg_color: Annotated[str | None, typer.Option("--bg-color", help="Composite on #RRGGBB.")] = None,
-    crop: Annotated[bool, typer.Option("--crop", help="Trim to the subject.")] = False,
-    refine: Annotated[bool, typer.Option("--refine/--no-refine", help="Estimate edge colours (no halo).")] = True,
+    crop: Annotated[bool, _flag("--crop", help="Trim to the subject.")] = False,
+    refine: Annotated[bool, _flag("--refine/--no-refine", help="Estimate edge colours (no halo).")] = True,
     concurrency: Annotated[int, typer.Option("--concurrency", "-j", min=1, max=64,
                                              help="Images in flight at once.")] = 4,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Redo images whose output exists.")] = False,
+    overwrite: Annotated[bool, _flag("--overwrite", help="Redo images whose output exists.")] = False,
     server: Server = DEFAULT_URL,
     api_key: ApiKey = None,
     timeout: Timeout = 180.0,
@@ -228,7 +254,7 @@ def _print_batch_summary(total: int, outcome: BatchOutcome, out: Path, ignored: 
 # -- layers --------------------------------------------------------------------
 
 
-@app.command("layers")
+@app.command("layers", cls=_Command)
 def layers(
     image: Annotated[Path, typer.Argument(exists=True, dir_okay=False, show_default=False,
                                           help="The image to decompose.")],
@@ -240,9 +266,9 @@ def layers(
     seed: Annotated[int | None, typer.Option(help="Random seed, for the same layers again.")] = None,
     prompt: Annotated[str | None, typer.Option(help="Describe the image; default: the model captions it.")] = None,
     cfg: Annotated[float, typer.Option("--cfg", help="true_cfg_scale (guidance).")] = 4.0,
-    psd: Annotated[bool, typer.Option("--psd", help="Also write <image>.psd.")] = False,
-    zip_: Annotated[bool, typer.Option("--zip", help="Also write <image>.zip.")] = False,
-    pptx: Annotated[bool, typer.Option("--pptx", help="Also write <image>.pptx.")] = False,
+    psd: Annotated[bool, _flag("--psd", help="Also write <image>.psd.")] = False,
+    zip_: Annotated[bool, _flag("--zip", help="Also write <image>.zip.")] = False,
+    pptx: Annotated[bool, _flag("--pptx", help="Also write <image>.pptx.")] = False,
     server: Server = DEFAULT_URL,
     api_key: ApiKey = None,
     timeout: Timeout = 180.0,
@@ -276,17 +302,23 @@ def layers(
             written = _download_layers(strata, job, out, image.stem, psd=psd, zip_=zip_, pptx=pptx)
         except (StrataError, OSError) as exc:
             raise _fail(str(exc)) from exc
-    table = _table(f"{len(job.result.layers)} layers of {escape(image.name)} "
-                   f"({job.result.engine}, {job.result.width}x{job.result.height})")
-    for column in ("#", "name", "content box (x, y, w, h)", "file"):
-        table.add_column(column, overflow="fold")
-    for layer, path in zip(job.result.layers, written):
-        box = ", ".join(map(str, layer.bbox)) if layer.bbox else "empty"
-        table.add_row(str(layer.index), escape(layer.name), box, escape(str(path)))
     console = _stdout()
-    console.print(table)
+    rows = [(str(layer.index), layer.name, ", ".join(map(str, layer.bbox)) if layer.bbox else "empty", str(path))
+            for layer, path in zip(job.result.layers, written)]
+    if console.is_terminal:
+        table = _table(f"{len(job.result.layers)} layers of {escape(image.name)} "
+                       f"({job.result.engine}, {job.result.width}x{job.result.height})")
+        for column in ("#", "name", "content box (x, y, w, h)"):
+            table.add_column(column, overflow="fold")
+        table.add_column("file", overflow="fold", ratio=1)
+        for row in rows:
+            table.add_row(*map(escape, row))
+        console.print(table)
+    else:  # piped: one tab-separated line per layer, paths whole for the next program
+        for row in rows:
+            typer.echo("\t".join(row))
     for path in written[len(job.result.layers):]:
-        console.print(f"wrote {escape(str(path))}")
+        typer.echo(f"wrote {path}")
     if job.warning:
         _stderr().print(f"warning: {escape(job.warning)}")
 
@@ -326,7 +358,7 @@ def _ask(server: str, api_key: str | None, timeout: float, question: Callable[[S
         raise _fail(str(exc)) from exc
 
 
-@app.command("jobs")
+@app.command("jobs", cls=_Command)
 def jobs(
     status: Annotated[JobStatusName | None, typer.Option(help="Only jobs in this state.")] = None,
     limit: Annotated[int, typer.Option(help="How many (1-100), newest first.")] = 20,
@@ -339,16 +371,24 @@ def jobs(
     if not page.jobs:
         _stdout().print(f"no {status + ' ' if status else ''}jobs at {escape(server)}")
         return
+    # Whole values in 80 columns: the model folds if it must; errors and warnings, the
+    # long ones, go under the table, one per line, wrapped as text.
     table = _table(f"Jobs at {escape(server)}")
     table.add_column("id", no_wrap=True, min_width=max(len(job.id) for job in page.jobs))  # copied whole
-    for column in ("status", "model", "layers", "created", "took"):
+    table.add_column("status", no_wrap=True)
+    table.add_column("model × layers", overflow="fold")
+    for column in ("created", "took"):
         table.add_column(column, no_wrap=True)
-    table.add_column("error", overflow="fold")
     for job in page.jobs:
         status = f"{job.status} {job.progress:.0%}" if job.status == "running" else job.status
-        table.add_row(job.id, status, str(job.params.get("model", "")), str(job.params.get("layers", "")),
-                      _short_time(job.created_at), _took(job.started_at, job.finished_at), escape(job.error or ""))
-    _stdout().print(table)
+        table.add_row(job.id, status, f"{job.params.get('model', '')} ×{job.params.get('layers', '?')}",
+                      _short_time(job.created_at), _took(job.started_at, job.finished_at))
+    console = _stdout()
+    console.print(table)
+    for job in page.jobs:
+        for kind, text in (("error", job.error), ("warning", job.warning)):
+            if text:
+                console.print(f"{job.id} {kind}: {escape(text)}")
 
 
 def _short_time(iso: str) -> str:
@@ -363,7 +403,7 @@ def _took(started: str | None, finished: str | None) -> str:
     return f"{seconds:.1f} s"
 
 
-@app.command("health")
+@app.command("health", cls=_Command)
 def health(
     server: Server = DEFAULT_URL,
     api_key: ApiKey = None,
@@ -376,14 +416,18 @@ def health(
     for title, models, default in (("Background removal", report.models, report.default_model),
                                    ("Layer decomposition", report.layer_models, report.default_layer_model)):
         table = _table(f"{title} (default: {default})" if default else title)
-        for column in ("model", "engine", "device", "dtype", "loaded", "replicas"):
+        for column in ("model", "engine"):
+            table.add_column(column, overflow="fold")
+        for column in ("device", "dtype", "loaded", "replicas"):
             table.add_column(column, no_wrap=True)
-        table.add_column("note", overflow="fold")
         for name, model in models.items():
-            table.add_row(name, model.engine or "", model.device or "", model.dtype or "",
-                          "yes" if model.loaded else "no", _replicas(model),
-                          escape(model.fallback_reason or model.last_error or ""))
+            table.add_row(escape(name), model.engine or "", model.device or "", model.dtype or "",
+                          "yes" if model.loaded else "no", _replicas(model))
         console.print(table)
+        # Reasons are sentences: under the table, wrapped as text, not folded in a column.
+        for name, model in models.items():
+            if note := model.fallback_reason or model.last_error:
+                console.print(f"{escape(name)}: {escape(note)}")
     if report.status != "ok":
         raise typer.Exit(1)
 

@@ -44,6 +44,10 @@ def hf_env(tmp_path_factory):
         # undo the sys.path entry it adds for the module cache.
         mp.setattr(dynamic_modules, "HF_MODULES_CACHE", str(modules))
         mp.setattr(sys, "path", list(sys.path))
+        # A `transformers_modules` package imported from another cache earlier in the
+        # session would hide this one's modules from the remote code's relative imports.
+        for name in [name for name in sys.modules if name.split(".")[0] == "transformers_modules"]:
+            mp.delitem(sys.modules, name)
         yield home
 
 
@@ -132,7 +136,7 @@ def test_weights_that_do_not_match_the_code_are_refused_naming_them(hf_env, tiny
 
     from deployments.remote_code import load_remote_model
 
-    broken = tmp_path / "broken"
+    broken = tmp_path / "mismatched-weights"
     shutil.copytree(tiny_dir, broken)
     state = load_file(broken / "model.safetensors")
     state["extra.weight"] = state.pop("redness.weight")
@@ -444,8 +448,9 @@ def test_the_model_config_passes_every_speed_option_to_the_engine(hf_env, tiny_d
 
 
 def _tiny_copy_with(tiny_dir: Path, tmp_path: Path, code: str) -> Path:
-    """A copy of the tiny model whose birefnet.py also runs ``code`` (a broken repo)."""
-    broken = tmp_path / "broken"
+    """A copy of the tiny model whose birefnet.py also runs ``code`` (a broken repo),
+    in a folder of its own name: the module cache keys remote code by folder name."""
+    broken = tmp_path / f"broken-{tmp_path.name}"
     shutil.copytree(tiny_dir, broken)
     source = (broken / "birefnet.py").read_text()
     (broken / "birefnet.py").write_text(source.replace("import torch\n", f"import torch\n{code}\n", 1))

@@ -217,24 +217,30 @@ def test_layers_reports_the_servers_reason_for_a_bad_parameter(strata, tmp_path)
 # -- jobs, health ---------------------------------------------------------------------------
 
 
-def test_jobs_prints_a_table_with_a_finished_job(strata, tmp_path):
+# A terminal of 80 columns: what the tables must fit with every value whole.
+narrow = CliRunner(env={"COLUMNS": "80", "NO_COLOR": "1"})
+
+
+def test_jobs_fits_80_columns_with_every_value_whole(strata, tmp_path):
     rgb, _ = flat_design(320, 240, seed=3)
     (tmp_path / "design.png").write_bytes(png_bytes(rgb))
     layers = strata_cli(strata, "layers", str(tmp_path / "design.png"), "-o", str(tmp_path / "out"),
                         "-n", "2", "--model", "classic")
     job_id = re.search(r"job (\S+) accepted", layers.stderr).group(1)
-    result = strata_cli(strata, "jobs", "--status", "succeeded", "--limit", "100")
+    result = narrow.invoke(app, ["jobs", "--status", "succeeded", "--limit", "100", "--server", strata])
     assert result.exit_code == 0, result.output
-    header = next(line for line in result.stdout.splitlines() if "status" in line and "error" in line)
-    assert table_cells(header) == ["id", "status", "model", "layers", "created", "took", "error"]
+    assert max(map(len, result.stdout.splitlines())) <= 80
+    header = next(line for line in result.stdout.splitlines() if "status" in line and "took" in line)
+    assert table_cells(header) == ["id", "status", "model × layers", "created", "took"]
     (row,) = [table_cells(line) for line in result.stdout.splitlines() if job_id in line]
-    assert row[:4] == [job_id, "succeeded", "classic", "2"]
-    assert re.fullmatch(r"\d\d-\d\d \d\d:\d\d", row[4]) and re.fullmatch(r"\d+\.\d s", row[5])
+    assert row[:3] == [job_id, "succeeded", "classic ×2"]
+    assert re.fullmatch(r"\d\d-\d\d \d\d:\d\d", row[3]) and re.fullmatch(r"\d+\.\d s", row[4])
 
 
-def test_health_prints_a_table_of_the_models(strata):
-    result = strata_cli(strata, "health")
+def test_health_fits_80_columns_with_every_value_whole(strata):
+    result = narrow.invoke(app, ["health", "--server", strata])
     assert result.exit_code == 0, result.output
+    assert max(map(len, result.stdout.splitlines())) <= 80
     assert f"Strata at {strata}: ok" in result.stdout
     background, layers = result.stdout.split("Layer decomposition (default: classic)")
     assert "Background removal (default: tiny)" in background
@@ -246,6 +252,25 @@ def test_health_prints_a_table_of_the_models(strata):
     assert rows(background)["classic"][1:] == ["classic", "cpu", "uint8", "yes", "1 running"]
     assert set(rows(layers)) == {"model", "classic", "tiny-qwen"}
     assert rows(layers)["tiny-qwen"][1:] == ["qwen-image-layered", "cpu", "float32", "yes", "1 running"]
+
+
+def test_piped_layers_prints_one_line_per_layer_with_its_path_whole(strata, tmp_path):
+    rgb, _ = flat_design(320, 240, seed=2)
+    deep = tmp_path / ("a-folder-with-a-long-name-" * 3) / "out"
+    (tmp_path / "logo.png").write_bytes(png_bytes(rgb))
+    result = narrow.invoke(app, ["layers", str(tmp_path / "logo.png"), "-o", str(deep), "-n", "2",
+                                 "--model", "classic", "--server", strata])
+    assert result.exit_code == 0, result.output
+    lines = [line.split("\t") for line in result.stdout.splitlines() if "\t" in line]
+    assert [(cells[0], cells[3]) for cells in lines] == [("1", str(deep / "layer_01.png")),
+                                                         ("2", str(deep / "layer_02.png"))]
+
+
+@pytest.mark.parametrize("command", [["layers"], ["remove-bg"], []], ids=["layers", "remove-bg", "strata"])
+def test_flags_show_no_type_in_help(command):
+    result = narrow.invoke(app, [*command, "--help"])
+    assert result.exit_code == 0
+    assert "--help" in result.stdout and "<bool>" not in result.stdout
 
 
 def test_the_server_comes_from_strata_url(strata):

@@ -218,24 +218,125 @@ def test_bad_parameters_are_400_with_remove_bgs_code(client, field, value, code)
     assert_error(removebg(client, data, **{field: value}), code)
 
 
-def _with_a_background_file(client, **fields):
+# -- background images: bg_image_file, bg_image_url ------------------------------------
+
+
+def framed_background(width=100, height=100, frame=10) -> np.ndarray:
+    """A white image with a black frame `frame` px wide: where its edges land in the
+    result shows how it was scaled and placed."""
+    rgb = np.zeros((height, width, 3), np.uint8)
+    rgb[frame:-frame, frame:-frame] = 255
+    return rgb
+
+
+def halves_background(width=320, height=240) -> np.ndarray:
+    """Green on the left, blue on the right."""
+    rgb = np.zeros((height, width, 3), np.uint8)
+    rgb[:, : width // 2] = (0, 200, 0)
+    rgb[:, width // 2 :] = (0, 0, 200)
+    return rgb
+
+
+def with_background(client, background: bytes | None, data: bytes | None = None, **fields):
+    """A remove.bg request of the red disc with `background` as the bg_image_file file."""
+    files = {"image_file": ("file.png", data or red_disc_png()[0], "image/png")}
+    if background is not None:
+        files["bg_image_file"] = ("bg.png", background, "image/png")
+    return client.post("/v1.0/removebg", headers=KEY, files=files,
+                       data={name: str(value) for name, value in fields.items()})
+
+
+def test_a_background_image_file_shows_behind_the_subject(client):
+    response = with_background(client, png_bytes(halves_background()), size="auto", format="png")
+    assert response.status_code == 200, response.text
+    pixels = np.asarray(open_image(response.content))
+    assert pixels.shape == (240, 320, 3)  # opaque: no alpha channel
+    assert tuple(pixels[10, 10]) == (0, 200, 0) and tuple(pixels[10, 310]) == (0, 0, 200)
+    assert pixels[120, 160, 0] > 180 and pixels[120, 160, 2] < 80  # the red disc in front
+
+
+def test_with_an_opaque_background_image_format_auto_gives_a_jpg(client):
+    response = with_background(client, png_bytes(halves_background()), size="auto")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/jpeg"
+    assert open_image(response.content).size == (320, 240)
+
+
+def test_a_background_of_another_aspect_is_scaled_to_cover_the_canvas_and_centered(client):
+    # 100x100 onto 320x240: scaled 3.2x to 320x320, 40 rows cut off at the top and the
+    # bottom; the 10 px frame becomes 32 px: whole at the left and right, gone above and below.
+    response = with_background(client, png_bytes(framed_background()), size="auto", format="png")
+    assert response.status_code == 200, response.text
+    pixels = np.asarray(open_image(response.content)).astype(int)
+    assert pixels[120, 2].max() < 40 and pixels[120, 29].max() < 40  # the left frame, 32 px wide
+    assert pixels[120, 317].max() < 40 and pixels[120, 290].max() < 40  # the right one
+    assert pixels[120, 36].min() > 215 and pixels[120, 283].min() > 215  # inside the frame
+    assert pixels[2, 160].min() > 215 and pixels[237, 160].min() > 215  # top and bottom frames cut off
+
+
+def test_a_translucent_background_image_keeps_its_transparency(client):
+    background = np.zeros((240, 320, 4), np.uint8)
+    background[...] = (0, 0, 200, 128)
+    response = with_background(client, png_bytes(background), size="auto")
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    pixels = np.asarray(open_image(response.content))
+    assert tuple(pixels[10, 10]) == (0, 0, 200, 128)
+    assert pixels[120, 160, 3] == 255
+
+
+@pytest.fixture(scope="module")
+def backgrounds():
+    """A local web server with the green and blue halves at /image.png."""
+    with ImageServer(png_bytes(halves_background())) as server:
+        yield server
+
+
+def test_a_background_image_url_gives_the_same_result_as_the_file(client, backgrounds):
     data, _ = red_disc_png()
-    files = {"image_file": ("file.png", data, "image/png"), "bg_image_file": ("bg.png", data, "image/png")}
-    return client.post("/v1.0/removebg", headers=KEY, files=files, data=fields)
+    by_url = removebg(client, data, bg_image_url=backgrounds.url("/image.png"), size="auto", format="png")
+    assert by_url.status_code == 200, by_url.text
+    by_file = with_background(client, png_bytes(halves_background()), size="auto", format="png")
+    assert by_url.content == by_file.content
 
 
-def test_a_background_image_sent_as_a_file_is_refused_as_unsupported_not_ignored(client):
-    error = assert_error(_with_a_background_file(client), "unsupported_parameter")
-    assert "bg_image_file" in error["title"]
+def test_a_background_url_that_fails_is_failed_bg_download(client, backgrounds):
+    url = backgrounds.url("/status/503")
+    error = assert_error(removebg(client, red_disc_png()[0], bg_image_url=url), "failed_bg_download")
+    assert url in error["title"]
 
 
-@pytest.mark.parametrize("as_file", [True, False], ids=["file", "text"])
-def test_bg_color_with_a_background_image_is_multiple_bg_sources_in_either_form(client, as_file):
-    if as_file:
-        response = _with_a_background_file(client, bg_color="fff")
-    else:
-        response = removebg(client, red_disc_png()[0], bg_color="fff", bg_image_file="bg.png")
-    assert_error(response, "multiple_bg_sources")
+def test_a_background_url_that_is_not_a_url_is_invalid_bg_image_url(client):
+    assert_error(removebg(client, red_disc_png()[0], bg_image_url="not a url"), "invalid_bg_image_url")
+
+
+def test_a_corrupt_background_file_is_failed_to_read_image_naming_the_background(client):
+    background = png_bytes(halves_background())
+    error = assert_error(with_background(client, background[: len(background) // 2]), "failed_to_read_image")
+    assert "background image" in error["detail"]
+
+
+def test_a_background_file_sent_as_text_is_refused_not_ignored(client):
+    error = assert_error(removebg(client, red_disc_png()[0], bg_image_file="bg.png"), "invalid_bg_image_file")
+    assert "multipart" in error["detail"]
+
+
+@pytest.mark.parametrize("fields, file", [
+    ({"bg_color": "fff"}, True),
+    ({"bg_color": "fff", "bg_image_file": "bg.png"}, False),
+    ({"bg_color": "fff", "bg_image_url": "http://127.0.0.1:9/bg.png"}, False),
+    ({"bg_image_url": "http://127.0.0.1:9/bg.png"}, True),
+], ids=["color+file", "color+file-as-text", "color+url", "url+file"])
+def test_two_background_sources_are_multiple_bg_sources(client, fields, file):
+    background = png_bytes(halves_background()) if file else None
+    assert_error(with_background(client, background, **fields), "multiple_bg_sources")
+
+
+def test_an_empty_background_file_part_is_no_background(client):
+    # What a browser's form sends for a file input left blank.
+    response = with_background(client, b"", size="auto")
+    assert response.status_code == 200, response.text
+    assert open_image(response.content).mode == "RGBA"
 
 
 def test_a_corrupt_file_is_failed_to_read_image(client):

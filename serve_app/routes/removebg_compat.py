@@ -13,7 +13,9 @@ openapi-directory `APIs/remove.bg/1.0.0`) and its API documentation page:
   PNG when the result has transparency, else JPG; png; jpg; zip: `color.jpg` +
   `alpha.png`), `channels` (rgba: the cutout; alpha: the 8-bit matte),
   `bg_color` (hex without `#` as remove.bg writes it, 3/4/6/8 digits, or a
-  colour name), `crop`, `crop_margin` ("30px", "10%"; one, two or four values;
+  colour name), `bg_image_file` (a file; multipart only) or `bg_image_url`
+  (a background image, centered and resized to fill the result's canvas,
+  aspect kept, unless it has the canvas's size already), `crop`, `crop_margin` ("30px", "10%"; one, two or four values;
   at most 50 % of the subject's size and 500 px a side), `roi` ("x1 y1 x2 y2"
   in px or %), `add_shadow` and `semitransparency` (accepted; remove.bg applies
   them only to cars).
@@ -24,7 +26,8 @@ openapi-directory `APIs/remove.bg/1.0.0`) and its API documentation page:
   "foreground_left", "foreground_width", "foreground_height"}}`.
 - Errors: `{"errors": [{"title", "code", "detail"}]}` with remove.bg's codes
   (`missing_source`, `multiple_sources`, `invalid_size`, `invalid_format`,
-  `invalid_channels`, `invalid_bg_color`, `invalid_crop_margin`,
+  `invalid_channels`, `invalid_bg_color`, `multiple_bg_sources`,
+  `invalid_bg_image_url`, `failed_bg_download`, `invalid_crop_margin`,
   `invalid_roi`, `roi_exceeds_bounds`, `roi_region_empty`, `file_too_large`,
   `resolution_too_high`, `invalid_file_type`, `failed_to_read_image`,
   `unknown_foreground`, ...): 400 for bad input, 503 with `Retry-After` when
@@ -32,9 +35,9 @@ openapi-directory `APIs/remove.bg/1.0.0`) and its API documentation page:
 
 Where Strata differs: nothing is charged (`X-Credits-Charged: 0`); the
 foreground type is not detected (`X-Type` echoes a `type` the client named,
-and is absent for `auto`); `scale`, `position`, `bg_image_url` and
-`bg_image_file` are refused with 400 `unsupported_parameter` rather than
-silently ignored; the segmentation model is the config's `default_model`.
+and is absent for `auto`); `scale` and `position` are refused with 400
+`unsupported_parameter` rather than silently ignored; the segmentation model
+is the config's `default_model`.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import parse_qsl
 
+import cv2
 import numpy as np
 from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
@@ -159,9 +163,8 @@ _TYPE_LEVELS = {"none", "1", "2", "latest"}
 _FORMATS = {"auto", "png", "jpg", "zip"}
 _CHANNELS = {"rgba", "alpha"}
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
-_UNSUPPORTED = {
-    "scale": "original", "position": "original", "bg_image_url": "", "bg_image_file": "",
-}
+_UNSUPPORTED = {"scale": "original", "position": "original"}
+_BG_SOURCES = ("bg_color", "bg_image_url", "bg_image_file")
 _MARGIN_CAP_PX = 500  # remove.bg: at most 500 px (and 50 % of the subject) a side
 _LENGTH = re.compile(r"^(\d+(?:\.\d+)?)(px|%)?$")
 
@@ -179,6 +182,8 @@ class Options:
     format: str
     channels: str
     bg_color: imaging.Color | None
+    bg_image_url: str | None  # a background image to fetch
+    bg_image_file: bool  # a background image uploaded with the request
     crop: bool
     crop_margin: tuple[Length, Length, Length, Length]  # top, right, bottom, left
     roi: tuple[Length, Length, Length, Length] | None  # x1, y1, x2, y2
@@ -250,11 +255,22 @@ def _color(text: str) -> imaging.Color:
                    f"bg_color is a hex colour (81d4fa, fff, 81d4fa77) or a colour name (green); got {text!r}") from None
 
 
-def parse_options(values: dict[str, str]) -> Options:
-    """remove.bg's parameters from a request's fields, or the 400 remove.bg gives."""
-    if values.get("bg_color") and (values.get("bg_image_url") or values.get("bg_image_file")):
+def parse_options(values: dict[str, str], *, bg_image_file: bool = False) -> Options:
+    """remove.bg's parameters from a request's fields, or the 400 remove.bg gives.
+
+    ``bg_image_file`` says whether a background image came as a file (multipart);
+    one sent as text is refused: its bytes are not an image's.
+    """
+    given = [name for name in _BG_SOURCES if values.get(name)]
+    if bg_image_file and "bg_image_file" not in given:
+        given.append("bg_image_file")
+    if len(given) > 1:
         raise _bad("multiple_bg_sources", "Multiple background sources given: Please provide either the "
                    "bg_color, the bg_image_url or the bg_image_file parameter.")
+    if values.get("bg_image_file") and not bg_image_file:
+        raise _bad("invalid_bg_image_file", "Invalid bg_image_file parameter given",
+                   "bg_image_file is a file: send it in a multipart/form-data body "
+                   "(curl -F bg_image_file=@background.jpg), or pass its address as bg_image_url")
     for name, default in _UNSUPPORTED.items():
         if (values.get(name) or default) != default:
             raise _bad("unsupported_parameter", f"Parameter '{name}' is not supported by this server",
@@ -269,6 +285,8 @@ def parse_options(values: dict[str, str]) -> Options:
         format=_choice(values, "format", _FORMATS, "auto", "invalid_format"),
         channels=_choice(values, "channels", _CHANNELS, "rgba", "invalid_channels"),
         bg_color=_color(values["bg_color"]) if values.get("bg_color") else None,
+        bg_image_url=values.get("bg_image_url") or None,
+        bg_image_file=bg_image_file,
         crop=_flag(values, "crop", False),
         crop_margin=_crop_margin(values.get("crop_margin") or "0"),
         roi=_roi(values["roi"]) if values.get("roi") else None,
@@ -280,10 +298,12 @@ def parse_options(values: dict[str, str]) -> Options:
 
 @dataclass(frozen=True)
 class RemoveBgRequest:
-    """The fields of a request, whatever its content type, and an uploaded `image_file`."""
+    """The fields of a request, whatever its content type, and the uploaded
+    `image_file` and `bg_image_file`."""
 
     values: dict[str, str]
     image_file: bytes | None
+    bg_image_file: bytes | None = None
 
 
 def _as_field(value: Any) -> str:
@@ -299,10 +319,10 @@ async def read_request(request: Request, limits: UploadLimits) -> RemoveBgReques
     if is_multipart(request):
         form = await read_form(request, limits, max_field_bytes=max_b64_bytes)
         upload = form.files.get("image_file")
-        values = dict(form.fields)
-        if "bg_image_file" in form.files:  # sent as a file, it is refused as it is as text
-            values["bg_image_file"] = form.files["bg_image_file"].filename or "(a file)"
-        return RemoveBgRequest(values, upload.data if upload else None)
+        background = form.files.get("bg_image_file")
+        # An empty file part is what a browser sends for a file input left blank: no background.
+        return RemoveBgRequest(dict(form.fields), upload.data if upload else None,
+                               background.data if background and background.data else None)
     body = await read_body(request, max_b64_bytes + 64 * 1024, limits.upload_timeout_s)
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "application/json":
@@ -371,6 +391,39 @@ async def _image_bytes(request: RemoveBgRequest, service: StrataService) -> byte
         raise
 
 
+async def _background_bytes(request: RemoveBgRequest, options: Options, service: StrataService) -> bytes | None:
+    """The background image's bytes, uploaded or fetched; None when the request names none."""
+    if options.bg_image_file:
+        return request.bg_image_file
+    url = options.bg_image_url
+    if url is None:
+        return None
+    try:
+        # The same fetcher as image_url: public addresses only, within the url_inputs limits.
+        return await service.fetch_image_url(url)
+    except ProblemError as exc:
+        if exc.slug in ("invalid-url", "url-refused"):
+            raise _bad("invalid_bg_image_url", "Invalid bg_image_url: Please provide a valid URL.",
+                       exc.detail) from exc
+        if exc.slug in ("url-fetch-failed", "url-timeout"):
+            raise _bad("failed_bg_download", f"Failed to download background image from given bg_image_url: {url}",
+                       exc.detail) from exc
+        if exc.slug == "url-too-large":
+            raise _bad("file_too_large", "File too large", f"the background image: {exc.detail}") from exc
+        raise
+
+
+def decode_background(data: bytes, limits: UploadLimits) -> imaging.DecodedImage:
+    """The background image, within `limits.max_pixels` (checked from its header before
+    decoding), or remove.bg's 400 for it. Any size from 1 px will do: it is resized to
+    the result's canvas, so the inputs' `min_side` does not apply."""
+    try:
+        return imaging.decode_image(data, imaging.ImageLimits(max_pixels=limits.max_pixels, min_side=1))
+    except imaging.ImageRejected as exc:
+        code, title = _PROBLEM_CODES.get(exc.code, ("failed_to_read_image", "There was an error reading the image."))
+        raise _bad(code, title, f"the background image: {exc.detail}") from exc
+
+
 # ----------------------------------------------------------------------------- rendering
 
 
@@ -422,6 +475,38 @@ def _opaque(color: imaging.Color) -> tuple[int, int, int]:
     return tuple(int(round(c * a + 255 * (1 - a))) for c in color[:3])  # type: ignore[return-value]
 
 
+def cover(background: imaging.DecodedImage, width: int, height: int) -> np.ndarray:
+    """The background at `width` x `height` as remove.bg lays it: centered and resized
+    to fill the canvas, aspect kept (the overhang cut off evenly), unless it already has
+    that size. RGB, or RGBA when the background has an alpha channel of its own."""
+    pixels = imaging.to_rgba(background) if background.alpha is not None else background.rgb
+    if (background.width, background.height) == (width, height):
+        return pixels
+    scale = max(width / background.width, height / background.height)
+    # Rounding may leave a side a pixel short of the canvas: never less than the canvas.
+    size = (max(width, round(background.width * scale)), max(height, round(background.height * scale)))
+    resized = cv2.resize(pixels, size, interpolation=cv2.INTER_AREA if scale < 1 else cv2.INTER_LINEAR)
+    left, top = (size[0] - width) // 2, (size[1] - height) // 2
+    return np.ascontiguousarray(resized[top : top + height, left : left + width])
+
+
+def over(cutout: np.ndarray, background: np.ndarray) -> np.ndarray:
+    """The RGBA `cutout` laid over a `background` of its size ("over" compositing): RGB
+    for an opaque (RGB) background, RGBA where the background has its own alpha."""
+    alpha = cutout[..., 3]
+    if background.shape[2] == 3:
+        weight = np.multiply(alpha, np.float32(1 / 255), dtype=np.float32)
+        return cv2.blendLinear(np.ascontiguousarray(cutout[..., :3]), background, weight, 1.0 - weight)
+    a = np.multiply(alpha, np.float32(1 / 255), dtype=np.float32)[..., None]
+    below = np.multiply(background[..., 3:], np.float32(1 / 255), dtype=np.float32) * (1 - a)
+    out_a = a + below
+    colour = (cutout[..., :3] * a + background[..., :3] * below) / np.maximum(out_a, np.float32(1e-6))
+    result = np.empty(cutout.shape, np.uint8)
+    result[..., :3] = np.rint(np.clip(colour, 0, 255))
+    result[..., 3] = np.rint(out_a[..., 0] * 255)
+    return result
+
+
 def _zip(color_jpg: bytes, alpha_png: bytes) -> bytes:
     buf = io.BytesIO()
     with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as archive:
@@ -430,8 +515,10 @@ def _zip(color_jpg: bytes, alpha_png: bytes) -> bytes:
     return buf.getvalue()
 
 
-def render(matte: Matte, options: Options) -> Result:
-    """remove.bg's result for a matte: the subject, cropped, in the asked format."""
+def render(matte: Matte, options: Options, background: imaging.DecodedImage | None = None) -> Result:
+    """remove.bg's result for a matte: the subject, cropped, over its background (a
+    colour or `background`, an image), in the asked format. The background applies to
+    `channels=rgba` results; `format=zip` and `channels=alpha` are the subject alone."""
     alpha = matte.alpha if options.roi is None else _apply_roi(matte.alpha, options.roi, matte.input_size)
     box = imaging.crop_box(alpha)
     if box is None:
@@ -453,12 +540,18 @@ def render(matte: Matte, options: Options) -> Result:
     else:
         if options.channels == "alpha":
             result = pixels("mask")
+        elif background is not None:
+            cutout = pixels("cutout")
+            result = over(cutout, cover(background, cutout.shape[1], cutout.shape[0]))
         elif options.format == "jpg":
             result = pixels("cutout", _opaque(options.bg_color or (255, 255, 255)))
         else:
             result = pixels("cutout", options.bg_color)
-            if options.format == "auto" and result.ndim == 3 and result.shape[2] == 4 and result[..., 3].min() == 255:
-                result = np.ascontiguousarray(result[..., :3])  # nothing is transparent: auto gives a JPG
+        if options.format == "jpg" and result.ndim == 3 and result.shape[2] == 4:
+            # A JPG shows a translucent background as it looks on white.
+            result = over(result, np.full((*result.shape[:2], 3), 255, np.uint8))
+        if options.format == "auto" and result.ndim == 3 and result.shape[2] == 4 and result[..., 3].min() == 255:
+            result = np.ascontiguousarray(result[..., :3])  # nothing is transparent: auto gives a JPG
         jpg = options.format == "jpg" or (options.format == "auto" and options.channels == "rgba"
                                           and result.ndim == 3 and result.shape[2] == 3)
         data = imaging.encode_jpeg(result) if jpg else imaging.encode_png(result)
@@ -484,20 +577,27 @@ def _wants_json(request: Request) -> bool:
     openapi_extra={"requestBody": {"required": True, "content": {
         "multipart/form-data": {"schema": {"type": "object", "properties": {
             "image_file": {"type": "string", "format": "binary"},
+            "bg_image_file": {"type": "string", "format": "binary"},
             **{name: {"type": "string"} for name in (
                 "image_file_b64", "image_url", "size", "type", "type_level", "format", "roi", "crop",
-                "crop_margin", "channels", "bg_color", "add_shadow", "semitransparency")}}}},
+                "crop_margin", "channels", "bg_color", "bg_image_url", "add_shadow", "semitransparency")}}}},
         "application/json": {"schema": {"type": "object"}},
         "application/x-www-form-urlencoded": {"schema": {"type": "object"}},
     }}},
 )
 async def remove_background(request: Request, service: CurrentService) -> Response:
-    fields = await read_request(request, service.config.limits)
-    options = parse_options(fields.values)
+    limits = service.config.limits
+    fields = await read_request(request, limits)
+    options = parse_options(fields.values, bg_image_file=fields.bg_image_file is not None)
     data = await _image_bytes(fields, service)
+    background_data = await _background_bytes(fields, options, service)
+    # Decoded before the model runs, so a bad background costs no model call. (In the
+    # thread pool: a rare request, not worth sizing up for cpu_steps.)
+    background = (None if background_data is None
+                  else await run_in_threadpool(decode_background, background_data, limits))
     with service.cpu_steps.request():
         matte = await service.matte(data, service.config.default_model, max_pixels=options.max_pixels)
-        result = await service.cpu_steps.run(matte.pixels, render, matte, options)
+        result = await service.cpu_steps.run(matte.pixels, render, matte, options, background)
     service.request_metrics.observe("/v1.0/removebg", matte.model, matte.elapsed_ms() / 1000)
     top, left, fg_width, fg_height = result.foreground
     headers = {

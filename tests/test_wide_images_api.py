@@ -1,5 +1,7 @@
 """Images wider than 65535 px (PNG's fast encoder stores each side in 16 bits) come
-back whole, on both routes that encode PNGs: a cutout and a layer job's layers."""
+back whole, on both routes that encode PNGs: a cutout and a layer job's layers; on
+remove.bg's route, where a JPG cannot be that wide (65500 px), `format=auto` gives a
+PNG and `format=jpg` a 400 that names the limit."""
 
 from __future__ import annotations
 
@@ -35,3 +37,23 @@ def test_a_layer_job_on_an_image_wider_than_65535_px_succeeds_with_whole_layers(
     layer = client.get(f"/v1/jobs/{job['id']}/layers/1.png")
     assert layer.status_code == 200
     assert open_image(layer.content).size == (WIDTH, HEIGHT)
+
+
+def test_remove_bg_format_auto_gives_a_png_where_a_jpg_could_not_hold_the_width(client):
+    # An opaque result is a JPG under format=auto, but a JPG holds at most 65500 px a side.
+    response = client.post("/v1.0/removebg", headers={"X-Api-Key": "any"},
+                           files={"image_file": ("banner.png", png_bytes(wide_banner()), "image/png")},
+                           data={"size": "full", "bg_color": "fff"})
+    assert response.status_code == 200, response.text
+    assert response.headers["content-type"] == "image/png"
+    image = open_image(response.content)
+    assert image.size == (WIDTH, HEIGHT) and image.mode == "RGB"
+
+
+def test_remove_bg_format_jpg_past_65500_px_is_400_naming_the_limit(client):
+    response = client.post("/v1.0/removebg", headers={"X-Api-Key": "any"},
+                           files={"image_file": ("banner.png", png_bytes(wide_banner()), "image/png")},
+                           data={"size": "full", "format": "jpg"})
+    assert response.status_code == 400, response.text
+    (error,) = response.json()["errors"]
+    assert error["code"] == "resolution_too_high" and "65500" in error["detail"]

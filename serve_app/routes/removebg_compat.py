@@ -165,6 +165,7 @@ _CHANNELS = {"rgba", "alpha"}
 _TRUE, _FALSE = {"true", "1", "yes", "on"}, {"false", "0", "no", "off"}
 _UNSUPPORTED = {"scale": "original", "position": "original"}
 _BG_SOURCES = ("bg_color", "bg_image_url", "bg_image_file")
+_JPEG_MAX_SIDE = 65500  # libjpeg's JPEG_MAX_DIMENSION: a wider JPG cannot be written
 _MARGIN_CAP_PX = 500  # remove.bg: at most 500 px (and 50 % of the subject) a side
 _LENGTH = re.compile(r"^(\d+(?:\.\d+)?)(px|%)?$")
 
@@ -515,6 +516,12 @@ def _zip(color_jpg: bytes, alpha_png: bytes) -> bytes:
     return buf.getvalue()
 
 
+def _too_large_for_jpg(width: int, height: int) -> RemoveBgError:
+    return _bad("resolution_too_high", "Image resolution too high for JPG",
+                f"the result is {width}x{height}; a JPG holds at most {_JPEG_MAX_SIDE} px a side: "
+                "ask for format=png")
+
+
 def render(matte: Matte, options: Options, background: imaging.DecodedImage | None = None) -> Result:
     """remove.bg's result for a matte: the subject, cropped, over its background (a
     colour or `background`, an image), in the asked format. The background applies to
@@ -535,6 +542,8 @@ def render(matte: Matte, options: Options, background: imaging.DecodedImage | No
 
     if options.format == "zip":
         colour = pixels("color")
+        if max(colour.shape[:2]) > _JPEG_MAX_SIDE:
+            raise _too_large_for_jpg(colour.shape[1], colour.shape[0])
         data, media_type = _zip(imaging.encode_jpeg(colour), imaging.encode_png(pixels("mask"))), "application/zip"
         height, width = colour.shape[:2]
     else:
@@ -554,6 +563,10 @@ def render(matte: Matte, options: Options, background: imaging.DecodedImage | No
             result = np.ascontiguousarray(result[..., :3])  # nothing is transparent: auto gives a JPG
         jpg = options.format == "jpg" or (options.format == "auto" and options.channels == "rgba"
                                           and result.ndim == 3 and result.shape[2] == 3)
+        if jpg and max(result.shape[:2]) > _JPEG_MAX_SIDE:
+            if options.format == "jpg":
+                raise _too_large_for_jpg(result.shape[1], result.shape[0])
+            jpg = False  # auto: a PNG holds what a JPG cannot
         data = imaging.encode_jpeg(result) if jpg else imaging.encode_png(result)
         media_type = "image/jpeg" if jpg else "image/png"
         height, width = result.shape[:2]

@@ -30,6 +30,7 @@ import numpy as np
 
 __all__ = [
     "MANIFEST_NAME",
+    "PSD_MAX_SIDE",
     "build_manifest",
     "layer_bbox",
     "layer_filename",
@@ -42,6 +43,7 @@ __all__ = [
 MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "strata.layers/v1"
 _MAX_PSD_NAME = 255  # PSD's Unicode layer-name limit
+PSD_MAX_SIDE = 30_000  # a PSD's largest width or height (psd-tools refuses more)
 # A slide is sized at 96 pixels per inch (the reference app's choice), within the
 # 1 to 56 inch sides PowerPoint accepts (ECMA-376 ST_SlideSizeCoordinate).
 _EMU_PER_INCH = 914_400

@@ -390,8 +390,14 @@ class StrataService:
         return await run_in_threadpool(self._zip, job)
 
     async def layers_psd(self, job_id: str, *, owner: str | None) -> bytes:
-        """All layers of a finished job as one PSD, built on first download and kept."""
+        """All layers of a finished job as one PSD, built on first download and kept;
+        a 422 for layers wider or taller than a PSD holds."""
         job = await self.finished_job(job_id, owner=owner)
+        width, height = job.result["width"], job.result["height"]
+        if max(width, height) > exports.PSD_MAX_SIDE:
+            raise ProblemError(422, "Too large for PSD",
+                               f"the layers are {width}x{height}; a PSD holds at most {exports.PSD_MAX_SIDE} px "
+                               "a side: download result.zip or result.pptx instead", slug="output-too-large-for-psd")
         return await run_in_threadpool(self._stored_export, job, "result.psd", self._psd)
 
     async def layers_pptx(self, job_id: str, *, owner: str | None) -> bytes:

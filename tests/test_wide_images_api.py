@@ -1,7 +1,8 @@
 """Images wider than 65535 px (PNG's fast encoder stores each side in 16 bits) come
 back whole, on both routes that encode PNGs: a cutout and a layer job's layers; on
 remove.bg's route, where a JPG cannot be that wide (65500 px), `format=auto` gives a
-PNG and `format=jpg` a 400 that names the limit."""
+PNG and `format=jpg` a 400 that names the limit; a layer job's PSD, which holds at
+most 30000 px a side, is a 422 that says so."""
 
 from __future__ import annotations
 
@@ -37,6 +38,17 @@ def test_a_layer_job_on_an_image_wider_than_65535_px_succeeds_with_whole_layers(
     layer = client.get(f"/v1/jobs/{job['id']}/layers/1.png")
     assert layer.status_code == 200
     assert open_image(layer.content).size == (WIDTH, HEIGHT)
+
+
+def test_a_psd_of_layers_wider_than_30000_px_is_422_naming_the_limit_and_the_zip_holds_them(client):
+    response = submit(client, png_bytes(wide_banner()), headers={"Prefer": "wait=60"}, model="classic", layers=2)
+    assert response.status_code == 200, response.text
+    job_id = response.json()["id"]
+    psd = client.get(f"/v1/jobs/{job_id}/result.psd")
+    assert psd.status_code == 422, psd.text
+    assert psd.headers["content-type"] == "application/problem+json"
+    assert "30000" in psd.json()["detail"] and "result.zip" in psd.json()["detail"]
+    assert client.get(f"/v1/jobs/{job_id}/result.zip").status_code == 200
 
 
 def test_remove_bg_format_auto_gives_a_png_where_a_jpg_could_not_hold_the_width(client):

@@ -13,6 +13,9 @@ Ray 2.60 writes HAProxy's config from a template nothing configures, and under
   server bug. (Strata's own 500s are ``application/problem+json``: left alone.);
 - it sets no ``timeout http-request``, so connections that trickle a request's headers
   a byte at a time hold HAProxy's connections for as long as they like;
+- it sends Strata's liveness check (``/healthz``) through to the ingress like any
+  request, so under load it waits its turn (26 s at 200 concurrent requests): HAProxy
+  now answers it itself while an ingress replica passes its health checks;
 - it passes no client address: every request reaches the ingress from HAProxy's, so
   per-address rate limits would count all clients as one. The frontend now sets
   ``X-Forwarded-For`` to the client's address (replacing any the client sent), which
@@ -46,6 +49,7 @@ METRICS_BIND = re.compile(r"^(\s*)bind :(\d+)\s*$", re.MULTILINE)
 ADMIN_SOCKET_MODE = re.compile(r"^(\s*stats socket \S+) mode 666 ", re.MULTILINE)
 ERROR_FILES = re.compile(r"^(\s*)errorfile (50[234]) \S+\s*$", re.MULTILINE)
 DEFAULTS = re.compile(r"^defaults\s*$", re.MULTILINE)
+BACKEND_UP_ACL = re.compile(r"^(\s*)acl (backend_\S+_server_up) nbsrv\(\S+\) ge 1\s*$", re.MULTILINE)
 HTTP_FRONTEND_BIND = re.compile(r"^(frontend http_frontend\n(\s*)bind \S+\n)", re.MULTILINE)
 UNAVAILABLE_FILE = "strata-503.http"
 STRATA_CONFIG = "haproxy.strata.cfg"  # the changed copy, beside Ray's haproxy.cfg
@@ -87,8 +91,23 @@ def _frontend_rules(indent: str, retry_after_s: int) -> str:
             f"if {{ status 500 }} {{ res.hdr(content-type) -m beg text/plain }}\n")
 
 
+def _liveness_rule(config: str, path: str) -> str:
+    """``config`` with HAProxy answering ``path`` itself (Strata's /healthz body) while a
+    backend has a server up, placed after the last of Ray's "server up" ACLs. (Ray's
+    first config, before any application is deployed, has no backends: nothing to add.)"""
+    found = list(BACKEND_UP_ACL.finditer(config))
+    if not found:
+        return config
+    indent, last = found[-1].group(1), found[-1].end()
+    condition = " || ".join(f"{{ path {path} }} {match.group(2)}" for match in found)
+    rule = (f"\n{indent}# Liveness in HAProxy: /healthz never waits behind a loaded ingress.\n"
+            f"{indent}http-request return status 200 content-type application/json "
+            f"hdr Cache-Control no-store string \"{{\\\"status\\\":\\\"ok\\\"}}\" if {condition}")
+    return config[:last] + rule + config[last:]
+
+
 def override(config: str, *, host: str, unavailable_file: str, http_request_timeout_s: int,
-             retry_after_s: int) -> str:
+             retry_after_s: int, healthz_path: str = "/healthz") -> str:
     """Ray's HAProxy ``config`` with Strata's changes (the module docstring lists them);
     ValueError if a line they change is missing."""
     config = _one(STATS_BIND, lambda m: f"{m.group(1)}bind {host}:{m.group(2)}", config, "the stats page's bind")
@@ -98,6 +117,7 @@ def override(config: str, *, host: str, unavailable_file: str, http_request_time
                   "the 502/503/504 error files", count=3)
     config = _one(HTTP_FRONTEND_BIND, lambda m: m.group(1) + _frontend_rules(m.group(2), retry_after_s),
                   config, "the HTTP frontend's bind")
+    config = _liveness_rule(config, healthz_path)
     if "timeout http-request" not in config:
         config = _one(DEFAULTS, f"defaults\n    timeout http-request {http_request_timeout_s}s", config,
                       "the defaults section")
@@ -151,7 +171,8 @@ def main(argv: list[str]) -> int:
                 config = override(f.read(), host=os.environ.get("STRATA_HAPROXY_HOST") or "127.0.0.1",
                                   unavailable_file=unavailable_file,
                                   http_request_timeout_s=int(os.environ.get("STRATA_HTTP_REQUEST_TIMEOUT_S") or 30),
-                                  retry_after_s=retry_after_s)
+                                  retry_after_s=retry_after_s,
+                                  healthz_path=os.environ.get("STRATA_HEALTHZ_PATH") or "/healthz")
             _write(unavailable_file, unavailable_response(retry_after_s))
         except (OSError, ValueError) as e:
             print(f"strata: not starting HAProxy with Ray's unchanged config: {e}", file=sys.stderr)

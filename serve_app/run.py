@@ -256,6 +256,7 @@ def haproxy_overrides_env(config: dict[str, Any], env: dict[str, str]) -> dict[s
         "STRATA_HAPROXY_BINARY": get_haproxy_binary(),
         "STRATA_HAPROXY_HOST": str((config.get("http_options") or {}).get("host") or "127.0.0.1"),
         "STRATA_RETRY_AFTER_S": str(args.get("retry_after_s") or 1),
+        "STRATA_HEALTHZ_PATH": str(_strata_app(config).get("route_prefix") or "/").rstrip("/") + "/healthz",
         # A request's headers get as long as an upload may stay silent.
         "STRATA_HTTP_REQUEST_TIMEOUT_S": str(int((args.get("limits") or {}).get("upload_timeout_s") or 30)),
     }

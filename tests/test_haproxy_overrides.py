@@ -20,6 +20,7 @@ frontend prometheus
 frontend http_frontend
     bind 127.0.0.1:8000
     log global
+    acl backend_http-strata_server_up nbsrv(http-strata) ge 1
 listen stats
   bind *:8404
 """
@@ -58,6 +59,20 @@ def test_the_503_is_problem_json_with_retry_after_and_a_true_length():
     assert head.startswith("HTTP/1.1 503 ")
     assert "Retry-After: 3" in head and "Content-Type: application/problem+json" in head
     assert f"Content-Length: {len(body)}" in head and '"status": 503' in body
+
+
+def test_haproxy_answers_the_liveness_path_itself_while_the_ingress_is_up():
+    changed = _override(RAY_LINES)
+    (rule,) = [line for line in changed.splitlines() if "{ path /healthz }" in line]
+    assert rule.strip().startswith("http-request return status 200 content-type application/json")
+    assert 'string "{\\"status\\":\\"ok\\"}"' in rule
+    assert rule.endswith("if { path /healthz } backend_http-strata_server_up")
+    assert changed.index("acl backend_http-strata_server_up") < changed.index(rule)
+
+
+def test_before_any_application_there_is_no_liveness_rule():
+    changed = _override(RAY_LINES.replace("    acl backend_http-strata_server_up nbsrv(http-strata) ge 1\n", ""))
+    assert "{ path /healthz }" not in changed
 
 
 @pytest.mark.parametrize("missing", ["  bind *:8404\n", "    bind :9101\n", " mode 666",

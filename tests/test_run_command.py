@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import re
@@ -10,7 +11,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import httpx
@@ -197,6 +198,24 @@ def start_in_one_place(tmp_path, place: dict, through_make: bool = False,
     return process, f"http://127.0.0.1:{place['port']}"
 
 
+@contextlib.contextmanager
+def serving_in_one_place(tmp_path, place: dict, cutout_after: bool = True,
+                         **sections: dict) -> Iterator[tuple[subprocess.Popen, str]]:
+    """`start_in_one_place`, once it serves; afterwards the service must still serve a
+    cutout (unless told not to) and stop cleanly on SIGTERM, whatever the test did to it."""
+    process, base = start_in_one_place(tmp_path, place, **sections)
+    try:
+        wait_until_healthy(base, process)
+        yield process, base
+        if cutout_after:
+            serves_a_cutout(base)
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=90) == 0
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+
+
 def serves_a_cutout(base: str) -> None:
     rgb, _ = product_photo(320, 240)
     response = httpx.post(f"{base}/v1/remove-background", timeout=60,
@@ -325,9 +344,7 @@ def test_haproxys_stats_and_metrics_listen_on_the_configured_host_only(tmp_path,
     elsewhere = another_address_of_this_machine()
     if elsewhere is None:
         pytest.skip("this machine has no address but loopback to probe from")
-    process, base = start_in_one_place(tmp_path, one_place)
-    try:
-        wait_until_healthy(base, process)
+    with serving_in_one_place(tmp_path, one_place):
         stats = int(one_place["serve_ports"]["RAY_SERVE_HAPROXY_STATS_PORT"])
         metrics = int(one_place["serve_ports"]["RAY_SERVE_HAPROXY_METRICS_PORT"])
         assert answers("127.0.0.1", stats, "/stats") == 200
@@ -341,11 +358,6 @@ def test_haproxys_stats_and_metrics_listen_on_the_configured_host_only(tmp_path,
         config = Path(command[command.index("-f") + 1]).read_text()
         admin_socket = re.search(r"stats socket (\S+) mode", config).group(1)
         assert os.stat(admin_socket).st_mode & 0o777 == 0o600
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=90) == 0
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def replicas_named(process: subprocess.Popen, title: str) -> list[psutil.Process]:
@@ -368,9 +380,7 @@ def established_peers(process: psutil.Process) -> set:
 def test_a_request_whose_ingress_dies_gets_503_with_retry_after_and_the_ingress_comes_back(tmp_path, one_place):
     # The ingress replica is killed while it reads an upload: Serve's proxy answers such
     # a request with a bare 500; make run's HAProxy turns it into a 503 problem.
-    process, base = start_in_one_place(tmp_path, one_place)
-    try:
-        wait_until_healthy(base, process)
+    with serving_in_one_place(tmp_path, one_place) as (process, base):
         (ingress,) = replicas_named(process, "ray::ServeReplica:strata:Ingress")
         before = established_peers(ingress)
         rgb, _ = product_photo(320, 240)
@@ -396,20 +406,12 @@ def test_a_request_whose_ingress_dies_gets_503_with_retry_after_and_the_ingress_
         assert response.headers["content-type"] == "application/problem+json"
         assert response.json()["status"] == 503
         wait_until_healthy(base, process, timeout_s=60)  # Serve starts a new ingress replica
-        serves_a_cutout(base)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=90) == 0
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def test_a_connection_that_trickles_its_headers_is_closed_with_408_at_the_deadline(tmp_path, one_place):
     # HAProxy's `timeout http-request` (limits.upload_timeout_s, 2 s here): a slowloris
     # connection holds nothing past it.
-    process, base = start_in_one_place(tmp_path, one_place, limits={"upload_timeout_s": 2})
-    try:
-        wait_until_healthy(base, process)
+    with serving_in_one_place(tmp_path, one_place, limits={"upload_timeout_s": 2}):
         with socket.create_connection(("127.0.0.1", one_place["port"]), timeout=30) as trickle:
             trickle.sendall(b"GET /healthz HTTP/1.1\r\nHost: strata\r\n")  # never the blank line
             started = time.monotonic()
@@ -418,20 +420,26 @@ def test_a_connection_that_trickles_its_headers_is_closed_with_408_at_the_deadli
             assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
             assert trickle.recv(4096) == b""  # and the connection is closed
         assert 1.5 < waited < 20
-        serves_a_cutout(base)
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=90) == 0
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
+
+
+def test_liveness_answers_while_the_ingress_itself_cannot(tmp_path, one_place):
+    # The ingress replica frozen (SIGSTOP: as starved as a replica gets): /healthz is
+    # answered by HAProxy while the replica was passing its health checks a moment ago.
+    with serving_in_one_place(tmp_path, one_place) as (process, base):
+        (ingress,) = replicas_named(process, "ray::ServeReplica:strata:Ingress")
+        ingress.suspend()
+        try:
+            response = httpx.get(f"{base}/healthz", timeout=5)
+        finally:
+            ingress.resume()
+        assert response.status_code == 200 and response.json() == {"status": "ok"}
 
 
 def test_each_client_address_has_its_own_rate_limit_behind_haproxy(tmp_path, one_place):
     # Two clients on two loopback addresses: HAProxy passes each one's address, so one
     # using up the rate leaves the other's untouched (Ray's HAProxy passed none: one bucket).
-    process, base = start_in_one_place(tmp_path, one_place, auth={"rate_limit": "2/minute"})
-    try:
-        wait_until_healthy(base, process)
+    # (No cutout after: this machine's own address has used up its rate.)
+    with serving_in_one_place(tmp_path, one_place, cutout_after=False, auth={"rate_limit": "2/minute"}) as (_, base):
         rgb, _ = product_photo(64, 48)
 
         def cutout(source: str) -> int:
@@ -441,11 +449,6 @@ def test_each_client_address_has_its_own_rate_limit_behind_haproxy(tmp_path, one
 
         assert [cutout("127.0.0.3") for _ in range(3)] == [200, 200, 429]  # (the health polls came from .1)
         assert cutout("127.0.0.2") == 200  # its own bucket; the forged header counted for nobody
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=90) == 0
-    finally:
-        if process.poll() is None:
-            os.killpg(process.pid, signal.SIGKILL)
 
 
 def test_free_ports_are_never_handed_out_twice_nor_from_the_kernels_own_range():

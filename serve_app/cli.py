@@ -371,21 +371,31 @@ def jobs(
     if not page.jobs:
         _stdout().print(f"no {status + ' ' if status else ''}jobs at {escape(server)}")
         return
-    # Whole values in 80 columns: the model folds if it must; errors and warnings, the
-    # long ones, go under the table, one per line, wrapped as text.
+    print_jobs(_stdout(), page.jobs, server)
+
+
+def print_jobs(console: Console, jobs: list[Job], server: str) -> None:
+    """The jobs as a table, then each job's error and warning on a line of its own.
+
+    Every value stays whole in 80 columns: ids, statuses and times never wrap; the
+    "model ×layers" cell wraps at its space ("qwen-image-layered" over "×10") before
+    it folds a name; errors and warnings, the long ones, are text under the table.
+    """
     table = _table(f"Jobs at {escape(server)}")
-    table.add_column("id", no_wrap=True, min_width=max(len(job.id) for job in page.jobs))  # copied whole
+    # Two spaces between columns and none at the edges: the widest row (a 22-character
+    # id, "running 40%", qwen-image-layered, the time) fits 80 columns.
+    table.collapse_padding, table.show_edge = True, False
+    table.add_column("id", no_wrap=True, min_width=max(len(job.id) for job in jobs))  # copied whole
     table.add_column("status", no_wrap=True)
     table.add_column("model × layers", overflow="fold")
     for column in ("created", "took"):
         table.add_column(column, no_wrap=True)
-    for job in page.jobs:
+    for job in jobs:
         status = f"{job.status} {job.progress:.0%}" if job.status == "running" else job.status
-        table.add_row(job.id, status, f"{job.params.get('model', '')} ×{job.params.get('layers', '?')}",
+        table.add_row(job.id, status, escape(f"{job.params.get('model', '')} ×{job.params.get('layers', '?')}"),
                       _short_time(job.created_at), _took(job.started_at, job.finished_at))
-    console = _stdout()
     console.print(table)
-    for job in page.jobs:
+    for job in jobs:
         for kind, text in (("error", job.error), ("warning", job.warning)):
             if text:
                 console.print(f"{job.id} {kind}: {escape(text)}")

@@ -18,9 +18,11 @@ import tomllib
 from PIL import Image
 from pptx import Presentation
 from psd_tools import PSDImage
+from rich.console import Console
 from typer.testing import CliRunner
 
-from serve_app.cli import app, plan_outputs
+from serve_app.cli import app, plan_outputs, print_jobs
+from serve_app.client import Job
 from tests.conftest import ROOT
 from tests.images import flat_design, product_photo
 from tests.test_remove_background_api import jpeg_bytes, png_bytes, red_disc_png
@@ -235,6 +237,51 @@ def test_jobs_fits_80_columns_with_every_value_whole(strata, tmp_path):
     (row,) = [table_cells(line) for line in result.stdout.splitlines() if job_id in line]
     assert row[:3] == [job_id, "succeeded", "classic ×2"]
     assert re.fullmatch(r"\d\d-\d\d \d\d:\d\d", row[3]) and re.fullmatch(r"\d+\.\d s", row[4])
+
+
+def test_jobs_prints_a_jobs_warning_under_the_table(strata, tmp_path):
+    from skimage.data import astronaut  # a real photo: classic finds fewer layers than asked
+
+    (tmp_path / "astronaut.png").write_bytes(png_bytes(astronaut()))
+    layers = strata_cli(strata, "layers", str(tmp_path / "astronaut.png"), "-o", str(tmp_path / "out"),
+                        "-n", "4", "--model", "classic")
+    job_id = re.search(r"job (\S+) accepted", layers.stderr).group(1)
+    result = narrow.invoke(app, ["jobs", "--status", "succeeded", "--limit", "100", "--server", strata])
+    assert result.exit_code == 0, result.output
+    assert max(map(len, result.stdout.splitlines())) <= 80
+    text = " ".join(result.stdout.split())  # the warning is wrapped as text
+    assert f"{job_id} warning: only 1 of the 4 layers asked for have content" in text
+
+
+def api_job(job_id: str, status: str, model: str, layers: int, **fields) -> Job:
+    """A job as GET /v1/jobs/{id} answers it."""
+    job = {"id": job_id, "kind": "layers", "status": status, "progress": 0.0, "step": None, "total_steps": None,
+           "created_at": "2026-12-07T12:00:00Z", "started_at": None, "finished_at": None,
+           "params": {"model": model, "layers": layers}, "error": None, "result": None, "warning": None,
+           "attempts": 1, "cancel_requested": False}
+    return Job.model_validate({**job, **fields})
+
+
+def test_the_widest_job_rows_fit_80_columns_with_every_value_whole():
+    jobs = [api_job("4k8paaVC98V2f2DI11NtbQ", "running", "qwen-image-layered", 10, progress=0.4,
+                    started_at="2026-12-07T12:00:01Z"),
+            api_job("7Hq2mZtXcV9bN4kLpR3sWd", "succeeded", "qwen-image-layered", 4,
+                    started_at="2026-12-07T12:00:01Z", finished_at="2026-12-07T12:05:13.4Z",
+                    warning="only 2 of the 4 layers asked for have content"),
+            api_job("Zx81QwErTyUiOpAsDfGhJk", "failed", "classic", 3, error="the model replica died " * 5)]
+    out = io.StringIO()
+    print_jobs(Console(file=out, width=80, no_color=True, highlight=False), jobs, "http://127.0.0.1:8000")
+    lines = out.getvalue().splitlines()
+    assert max(map(len, lines)) <= 80
+    rows = {cells[0]: cells for cells in map(table_cells, lines) if cells and cells[0] in {job.id for job in jobs}}
+    assert rows["4k8paaVC98V2f2DI11NtbQ"][1:] == ["running 40%", "qwen-image-layered", "12-07 12:00"]
+    assert rows["7Hq2mZtXcV9bN4kLpR3sWd"][1:] == ["succeeded", "qwen-image-layered ×4", "12-07 12:00", "312.4 s"]
+    # The running job's layer count wrapped whole onto the next line, under its model.
+    running = next(i for i, line in enumerate(lines) if line.startswith("4k8paaVC98V2f2DI11NtbQ"))
+    assert table_cells(lines[running + 1]) == ["×10"]
+    text = " ".join(out.getvalue().split())
+    assert "7Hq2mZtXcV9bN4kLpR3sWd warning: only 2 of the 4 layers asked for have content" in text
+    assert f"Zx81QwErTyUiOpAsDfGhJk error: {' '.join(('the model replica died ' * 5).split())}" in text
 
 
 def test_health_fits_80_columns_with_every_value_whole(strata):

@@ -54,6 +54,8 @@ class ModelHealth(BaseModel):
     loaded: bool = False
     fallback_reason: str | None = Field(None, description="Why the classic engine serves instead of the configured one.")
     engine_about: str | None = Field(None, description="What a weights-free engine is made for, and not for.")
+    real_models_setup: str | None = Field(None, description="Where a weights-free engine serves: how to serve "
+                                                            "the real models instead (weights, HF_TOKEN, README).")
     replicas: dict[str, int] = Field(default_factory=dict, description="Replica count by state.")
     max_batch_size: int | None = None
     batch_wait_timeout_s: float | None = None

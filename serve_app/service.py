@@ -102,6 +102,18 @@ def engine_headers(result: Cutout | Matte) -> dict[str, str]:
     return headers
 
 
+# What /v1/health tells the user of a weights-free engine about the real models (the web
+# page's note shows it beside the engine's results; /setup is README's "On a GPU box").
+REAL_CUTOUT_MODELS_SETUP = (
+    "for photos, serve BiRefNet or RMBG-2.0: scripts/fetch_models.py fetches their weights (RMBG-2.0 is "
+    "gated: accept its terms on huggingface.co, set HF_TOKEN); README, \"On a GPU box\" (/setup)"
+)
+REAL_LAYER_MODELS_SETUP = (
+    "for photos, serve Qwen-Image-Layered (a GPU model): scripts/fetch_models.py fetches its weights; "
+    "README, \"On a GPU box\" (/setup)"
+)
+
+
 def _ms_since(started: float) -> float:
     return (time.perf_counter() - started) * 1000
 
@@ -275,8 +287,12 @@ class StrataService:
         layer_models = dict(zip(layer_names, answers[len(seg_names):]))
         for name, model_health in models.items():
             model_health.replicas = replicas.get(name, {})
+            if model_health.engine_about:  # a weights-free engine serves: where the real ones are
+                model_health.real_models_setup = REAL_CUTOUT_MODELS_SETUP
         for name, model_health in layer_models.items():
             model_health.replicas = replicas.get(layer_deployment_name(name), {})
+            if model_health.engine_about:
+                model_health.real_models_setup = REAL_LAYER_MODELS_SETUP
         everything = [*models.values(), *layer_models.values()]
         status = "ok" if all(m.loaded for m in everything) else "degraded"
         return Health(status=status, default_model=self.config.default_model, models=models,

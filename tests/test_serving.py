@@ -136,6 +136,16 @@ def test_health_reports_each_model_engine_device_and_replicas(client):
     assert tiny["replicas"] == {"RUNNING": 1}
 
 
+def test_health_says_what_each_weights_free_engine_is_for_and_how_to_serve_the_real_models(client):
+    body = client.get("/v1/health").json()
+    cutout, layers, tiny = body["models"]["classic"], body["layer_models"]["classic"], body["models"]["tiny"]
+    assert "plain or gradient backdrops" in cutout["engine_about"] and "not for photos" in cutout["engine_about"]
+    assert "BiRefNet or RMBG-2.0" in cutout["real_models_setup"]
+    assert "scripts/fetch_models.py" in cutout["real_models_setup"] and "HF_TOKEN" in cutout["real_models_setup"]
+    assert "flat graphics" in layers["engine_about"] and "Qwen-Image-Layered" in layers["real_models_setup"]
+    assert tiny["engine_about"] is None and tiny["real_models_setup"] is None  # a model with weights
+
+
 def test_openapi_documents_the_routes(client):
     spec = client.get("/openapi.json").json()
     assert {"/v1/remove-background", "/v1/health", "/healthz"} <= set(spec["paths"])

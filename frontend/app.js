@@ -569,7 +569,7 @@
         ` · ${format.toUpperCase()} ${formatBytes(blob.size)} · ${h.get("X-Model")} (${h.get("X-Engine")})`
           + ` · ${seconds(Number(h.get("X-Processing-Ms")))}`,
       );
-      showEngineNote(ui.cutoutNote, modelsForTask().models[h.get("X-Model")] || {}, h.get("X-Engine"),
+      showEngineNote(ui.cutoutNote, (state.health?.models || {})[h.get("X-Model")] || {}, h.get("X-Engine"),
                      h.get("X-Engine-Warning"));
       ui.cutoutDownload.href = state.cutoutUrl;
       ui.cutoutDownload.download = `${baseName(file.name)}-${output}.${format}`;
@@ -768,8 +768,9 @@
   }
 
   // Beside a result made by a weights-free engine: which engine, what it is for, why the
-  // configured model is not serving (from /v1/health), the engine's warning about this
-  // result, and where the real models' setup is described. Hidden for a model's results.
+  // configured model is not serving and how to serve the real ones (all from /v1/health),
+  // the engine's warning about this result, and a link to the setup section of the
+  // README (served at /setup). Hidden for a model's results that came with no warning.
   function showEngineNote(note, info, engine, warning) {
     note.replaceChildren();
     note.hidden = !(engine === "classic" || warning);
@@ -777,11 +778,15 @@
     note.append(el("strong", { text: info.fallback_reason
       ? `Made by the ${engine} engine: the configured model is not serving.`
       : `Made by the ${engine} engine.` }));
+    if (info.fallback_reason) note.append(el("span", { text: `Why: ${info.fallback_reason}` }));
     if (info.engine_about) note.append(el("span", { text: `The ${engine} engine is ${info.engine_about}.` }));
     if (warning) note.append(el("span", { class: "engine-warning", text: `About this result: ${warning}.` }));
-    if (info.fallback_reason) note.append(el("span", { text: `Why: ${info.fallback_reason}` }));
-    note.append(el("span", { text: "To serve the real models, see the README's \u201cOn a GPU box\u201d "
-      + "(weights in the Hugging Face cache: scripts/fetch_models.py; HF_TOKEN for RMBG-2.0)." }));
+    const setup = info.real_models_setup;
+    note.append(el("span", {}, [
+      setup ? `${setup[0].toUpperCase()}${setup.slice(1)}. ` : "",
+      el("a", { class: "setup-link", href: "/setup", target: "_blank", rel: "noopener",
+                text: "How to serve the real models" }),
+    ]));
   }
 
   function bboxText(bbox) {
@@ -836,7 +841,8 @@
     ui.manifest.href = result.manifest_url;
     ui.manifest.download = `${job.id}-manifest.json`;
     ui.manifest.setAttribute("aria-label", "Download the manifest (JSON)");
-    showEngineNote(ui.layersNote, modelsForTask().models[result.model] || {}, result.engine, job.warning);
+    showEngineNote(ui.layersNote, (state.health?.layer_models || {})[result.model] || {}, result.engine,
+                   job.warning);
     ui.layersMeta.replaceChildren(
       el("strong", { text: `${result.layers.length} layers · ${result.width} × ${result.height} px` }),
       ` · ${result.model} (${result.engine})`,

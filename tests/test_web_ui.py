@@ -208,7 +208,8 @@ def test_a_fallback_cutout_shows_a_note_naming_the_engine_why_and_what_it_is_for
     expect(note).to_contain_text("no-such-model")  # why: the weights it looked for
     expect(note).to_contain_text("made for product shots on plain or gradient backdrops")
     expect(note.locator(".engine-warning")).to_contain_text("the cutout is likely wrong")
-    expect(note).to_contain_text("On a GPU box")
+    expect(note).to_contain_text("serve BiRefNet or RMBG-2.0")  # how to get the real models
+    expect(note).to_contain_text("scripts/fetch_models.py")
     with_a_fallback.screenshot("desktop-fallback-note")
 
 
@@ -218,6 +219,20 @@ def test_classic_layers_of_a_photo_show_the_jobs_warning(ui, tmp_path):
     expect(note).to_be_visible()
     expect(note).to_contain_text("made for flat graphics")
     expect(note.locator(".engine-warning")).to_contain_text("of the 4 layers asked for have content")
+
+
+def test_the_engine_note_links_to_the_readmes_setup_of_the_real_models(ui, design_png):
+    ui.decompose(design_png, layers=3)
+    link = ui.page.locator("#layers-note a.setup-link")
+    expect(link).to_be_visible()
+    with ui.page.context.expect_page() as opened:
+        link.click()
+    setup = opened.value
+    setup.wait_for_load_state()
+    text = setup.locator("body").inner_text()
+    assert text.startswith("## On a GPU box")  # the README's section, as the README has it
+    assert "scripts/fetch_models.py" in text and "HF_TOKEN" in text
+    setup.close()
 
 
 def test_mask_download_is_the_mask(ui, disc_png):

@@ -136,6 +136,14 @@ def test_strata_model_names_are_accepted_too(client):
     assert response.headers["x-engine"] == "classic"
 
 
+def test_the_classic_engine_on_a_busy_photo_says_its_cutout_is_likely_wrong(client):
+    from skimage.data import astronaut  # a real photo, bundled with scikit-image
+
+    response = remove(client, jpeg_bytes(astronaut()), form={"model": "classic"}, filename="astronaut.jpg")
+    assert response.status_code == 200, response.text
+    assert "plain or gradient backdrops" in response.headers["x-engine-warning"]
+
+
 def test_out_of_range_parameters_are_422_in_fastapis_shape(client):
     data, _ = red_disc_png()
     response = remove(client, data, form={"af": "300"}, params={"bgc": "red"})

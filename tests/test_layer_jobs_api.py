@@ -19,6 +19,7 @@ from psd_tools import PSDImage
 
 from serve_app.config import JobsConfig
 from serve_app.jobs import JobStore
+from serve_app.layer_jobs import job_json
 from tests.images import flat_design
 from tests.test_remove_background_api import assert_problem, open_image, png_bytes, red_disc_png
 
@@ -163,15 +164,27 @@ def test_a_flat_design_with_as_many_parts_as_layers_has_no_warning(client, desig
     assert response.json()["warning"] is None
 
 
-def test_a_photo_through_the_classic_engine_succeeds_with_a_warning_that_survives_a_reread(client):
+@pytest.fixture
+def photo_job(client) -> dict:
+    """A real photo decomposed into 4 layers by the classic engine: the finished job."""
     from skimage.data import astronaut  # a real photo, bundled with scikit-image
 
     response = submit(client, png_bytes(astronaut()), headers={"Prefer": "wait=60"}, model="classic", layers=4)
     assert response.status_code == 200
-    job = response.json()
-    assert job["status"] == "succeeded"
-    assert "of the 4 layers asked for have content" in job["warning"] and "flat graphics" in job["warning"]
-    assert client.get(f"/v1/jobs/{job['id']}").json()["warning"] == job["warning"]  # stored with the job
+    return response.json()
+
+
+def test_a_photo_through_the_classic_engine_succeeds_with_a_warning_that_it_found_fewer_layers(client, photo_job):
+    assert photo_job["status"] == "succeeded"
+    warning = photo_job["warning"]
+    assert "only 1 of the 4 layers asked for have content" in warning and "flat graphics" in warning
+    assert client.get(f"/v1/jobs/{photo_job['id']}").json()["warning"] == warning
+
+
+def test_a_jobs_warning_is_kept_in_the_job_store_so_a_restarted_app_reads_it(photo_job, data_dir):
+    with JobStore(JobsConfig(data_dir=str(data_dir)).url) as store:  # the app's store, opened afresh
+        stored = store.get(photo_job["id"])
+    assert job_json(stored)["warning"] == photo_job["warning"]
 
 
 def test_tiny_qwen_job_streams_one_progress_event_per_step(client):

@@ -172,9 +172,16 @@ def ready_lines(base: str, health: dict[str, Any]) -> list[str]:
     fallen = {name: model for name, model in models.items() if model.get("fallback_reason")}
     lines += [f"  {name} serves the {model.get('engine')} engine instead: {model['fallback_reason']}"
               for name, model in fallen.items()]
-    # What those engines are for, once each (the cutout and the layer engine differ).
-    abouts = dict.fromkeys(model["engine_about"] for model in fallen.values() if model.get("engine_about"))
-    lines += [f"  ({model_about}; the real models: README, \"On a GPU box\")" for model_about in abouts]
+    # What those engines are for, once each with the models they stand in for (the cutout
+    # and the layer engine differ), then how to serve the real models.
+    abouts: dict[str, list[str]] = {}
+    for name, model in fallen.items():
+        if model.get("engine_about"):
+            abouts.setdefault(f"the {model.get('engine')} engine is {model['engine_about']}", []).append(name)
+    lines += [f"  ({', '.join(stand_ins)}: {about})" for about, stand_ins in abouts.items()]
+    if abouts:
+        lines.append("  (to serve the real models: scripts/fetch_models.py fetches their weights, HF_TOKEN for "
+                     f"gated ones; README, \"On a GPU box\", also at {base}/setup)")
     return lines
 
 

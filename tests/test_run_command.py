@@ -154,9 +154,12 @@ def test_make_run_says_when_it_is_ready_and_which_models_fell_back(tmp_path):
         assert f"Strata is ready at {base} (models: birefnet; layer models: classic)" in lines
         fallback = [line for line in lines if line.startswith("  birefnet serves the classic engine instead: ")]
         assert len(fallback) == 1 and "ZhengPeng7/BiRefNet" in fallback[0]
-        # ... and what the engine serving instead is for, and is not for.
-        (about,) = [line for line in wait_for_line(tmp_path, process, "  (weights-free") if "weights-free" in line]
-        assert "plain or gradient backdrops" in about and "not for photos" in about and "On a GPU box" in about
+        # ... what the engine serving instead is for, and is not for, and how to serve the real one.
+        lines = wait_for_line(tmp_path, process, "  (to serve the real models: ")
+        (about,) = [line for line in lines if line.startswith("  (birefnet: the classic engine is weights-free")]
+        assert "plain or gradient backdrops" in about and "not for photos" in about
+        (setup,) = [line for line in lines if line.startswith("  (to serve the real models: ")]
+        assert "scripts/fetch_models.py" in setup and "On a GPU box" in setup and f"{base}/setup" in setup
         # Ready means ready: the first request after the line is served.
         assert httpx.get(f"{base}/v1/health", timeout=30).json()["status"] == "ok"
         assert_stops_cleanly(process, lambda server: server.send_signal(signal.SIGTERM))

@@ -48,6 +48,14 @@ docs/PERFORMANCE.md explains every figure; in short:
     against float32: time per call at batch 1 and 8, and how far the masks move.
     ``--weights`` and ``--device`` pick the model and device (default: the tiny one, CPU).
 
+``real-size`` (run only when named; ~25 minutes here)
+    The real-size BiRefNet-class (Swin-L) and BiRefNet_lite-class (Swin-T) stand-ins of
+    scripts/make_real_size_models.py (random weights, the real architectures) through the
+    engine on this CPU: ms per image at batch 1 and at the best batch, peak RSS, float32
+    and bfloat16 autocast (where the CPU has bfloat16 instructions), on all cores and on
+    the one thread a Serve CPU replica runs on, the full one at 768 and 512 too, lite with
+    channels_last and torch.compile. Each case runs in a fresh process.
+
 Figures taken while other work runs on the machine are noisy; run it on a quiet
 machine (the docs say how the published table was taken). Ratios are measured
 side by side in one run.
@@ -394,6 +402,144 @@ def bench_engine_options(settings: Settings, weights: str | None = None, device:
         print(f"  {row['options']:<36}{row['batch_1_ms']:>11.1f}{row['batch_8_ms']:>11.1f}{row['load_and_warmup_s']:>16.1f}"
               f"{row['mask_max_diff']:>13}/{row['mask_mean_diff']:.2f}")
     return {"weights": weights, "device": device, "input_size": side, "rows": rows}
+
+
+# --------------------------------------------------------------------------- real-size
+
+REAL_SIZE_DIR = ROOT / "models" / "real-size"
+
+
+@dataclass(frozen=True)
+class RealSizeCase:
+    """One configuration of a real-size stand-in, measured in a process of its own (so its
+    peak RSS is its own): the engine's options, the CPU threads, the batches timed."""
+
+    variant: str  # a directory of scripts/make_real_size_models.py: birefnet or birefnet_lite
+    input_size: int = 1024
+    dtype: str = "float32"  # the engine's setting; "autocast" is bfloat16 autocast on the CPU
+    threads: int = 2
+    batches: tuple[int, ...] = (1,)
+    reps: int = 1  # timed calls per batch (median), after one untimed warm-up call at the first batch
+    channels_last: bool = False
+    compile: bool = False
+
+    @property
+    def label(self) -> str:
+        options = [name for name, on in (("channels_last", self.channels_last), ("compile", self.compile)) if on]
+        return " + ".join([self.dtype, *options])
+
+
+def real_size_cases(bf16: bool) -> list[RealSizeCase]:
+    """What ``--bench real-size`` measures (about 25 minutes on this 2-core machine): both
+    classes at 1024 in float32 and, where the CPU has bfloat16 instructions, bfloat16
+    autocast, on all cores and on the one thread a Serve CPU replica gets; the full one
+    at smaller input sizes; lite with the GPU options that also run on a CPU."""
+    precisions = ["float32", *(["autocast"] if bf16 else [])]
+    cases = []
+    for dtype in precisions:
+        cases.append(RealSizeCase("birefnet_lite", dtype=dtype, batches=(1, 2, 4), reps=2))
+        cases.append(RealSizeCase("birefnet_lite", dtype=dtype, threads=1))
+        cases.append(RealSizeCase("birefnet", dtype=dtype, batches=(1, 2)))
+        cases.append(RealSizeCase("birefnet", dtype=dtype, threads=1))
+    for size in (768, 512):
+        cases.append(RealSizeCase("birefnet", input_size=size, reps=2))
+        cases.append(RealSizeCase("birefnet", input_size=size, threads=1))
+    cases.append(RealSizeCase("birefnet_lite", channels_last=True, reps=2))
+    cases.append(RealSizeCase("birefnet", channels_last=True))
+    cases.append(RealSizeCase("birefnet_lite", compile=True, reps=2))  # its first call compiles: ~5 min here
+    return cases
+
+
+def run_real_size_case(case: dict, weights_dir: str) -> dict:
+    """Measure one RealSizeCase (as a dict) in this process: the engine loaded as a
+    replica loads it, then per batch the median ms per call and this process's peak RSS."""
+    import resource
+
+    import torch
+
+    from deployments.birefnet import BiRefNetEngine
+
+    c = RealSizeCase(**{**case, "batches": tuple(case["batches"])})
+    torch.set_num_threads(c.threads)
+    engine = BiRefNetEngine(str(Path(weights_dir) / c.variant), device="cpu", dtype=c.dtype, input_size=c.input_size,
+                            channels_last=c.channels_last, compile=c.compile)
+    started = time.perf_counter()
+    engine.load()
+    load_s = time.perf_counter() - started
+    image = synthetic_photo(c.input_size, c.input_size)
+    first_call_ms = _timed(engine.predict, [image] * c.batches[0])  # warm-up (the compile, if any)
+    rows = []
+    for batch in c.batches:
+        call = statistics.median(_timed(engine.predict, [image] * batch) for _ in range(c.reps))
+        rows.append({"batch": batch, "ms_per_call": call, "ms_per_image": call / batch,
+                     "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    best = min(rows, key=lambda row: row["ms_per_image"])
+    return {**case, "label": c.label, "engine_dtype": engine.info.dtype, "load_s": load_s,
+            "first_call_ms": first_call_ms, "rows": rows, "best_batch": best["batch"],
+            "peak_rss_mib": max(row["peak_rss_mib"] for row in rows)}
+
+
+_CASE_RUNNER = """\
+import importlib.util, json, sys
+spec = importlib.util.spec_from_file_location("bench", sys.argv[1])
+bench = importlib.util.module_from_spec(spec)
+sys.modules["bench"] = bench
+spec.loader.exec_module(bench)
+print("REAL-SIZE-RESULT " + json.dumps(bench.run_real_size_case(json.loads(sys.argv[2]), sys.argv[3])))
+"""
+
+
+def _real_size_in_subprocess(case: RealSizeCase, weights_dir: Path) -> dict:
+    from dataclasses import asdict
+
+    done = subprocess.run([sys.executable, "-c", _CASE_RUNNER, str(Path(__file__).resolve()), json.dumps(asdict(case)),
+                           str(weights_dir)], cwd=ROOT, capture_output=True, text=True,
+                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    for line in done.stdout.splitlines():
+        if line.startswith("REAL-SIZE-RESULT "):
+            return json.loads(line.split(" ", 1)[1])
+    tail = " ".join((done.stderr or done.stdout).strip().splitlines()[-3:])
+    return {**asdict(case), "label": case.label, "error": f"exit {done.returncode}: {tail[-400:]}"}
+
+
+def cpu_runs_bfloat16() -> bool:
+    """Whether this CPU has bfloat16 instructions oneDNN uses (AVX512-BF16 or AMX)."""
+    import torch
+
+    check = getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", None)
+    return bool(check()) if check is not None else False
+
+
+def bench_real_size(settings: Settings, cases: list[RealSizeCase] | None = None,
+                    weights_dir: Path | None = None) -> dict:
+    """The real-size BiRefNet- and lite-class stand-ins (scripts/make_real_size_models.py,
+    built into models/real-size if missing) on this CPU: ms per image at batch 1 and the
+    best batch, peak RSS, per precision and option, each case in a fresh process."""
+    weights_dir = weights_dir or REAL_SIZE_DIR
+    bf16 = cpu_runs_bfloat16()
+    cases = cases if cases is not None else real_size_cases(bf16)
+    spec = importlib.util.spec_from_file_location("make_real_size_models", ROOT / "scripts" / "make_real_size_models.py")
+    builder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(builder)
+    for variant in sorted({case.variant for case in cases}):
+        builder.make_real_size_birefnet(weights_dir, variant)
+    results = []
+    print(f"\nReal-size stand-ins on CPU (random weights, scripts/make_real_size_models.py); bfloat16 "
+          f"{'runs' if bf16 else 'not run: no AVX512-BF16/AMX'}; each case a fresh process")
+    print(f"  {'model':<14}{'size':>5} {'precision/options':<29}{'thr':>4}{'batch 1 ms/img':>15}"
+          f"{'best batch':>11}{'ms/img':>9}{'peak RSS MiB':>13}{'load s':>7}{'1st call s':>11}")
+    for case in cases:
+        result = _real_size_in_subprocess(case, weights_dir)
+        results.append(result)
+        if "error" in result:
+            print(f"  {case.variant:<14}{case.input_size:>5} {case.label:<29}{case.threads:>4}  failed: {result['error']}")
+            continue
+        one = next(row for row in result["rows"] if row["batch"] == 1)
+        best = next(row for row in result["rows"] if row["batch"] == result["best_batch"])
+        print(f"  {case.variant:<14}{case.input_size:>5} {case.label:<29}{case.threads:>4}{one['ms_per_image']:>15.0f}"
+              f"{best['batch']:>11}{best['ms_per_image']:>9.0f}{result['peak_rss_mib']:>13.0f}{result['load_s']:>7.1f}"
+              f"{result['first_call_ms'] / 1000:>11.1f}")
+    return {"weights_dir": str(weights_dir), "cpu_bfloat16": bf16, "cases": results}
 
 
 # --------------------------------------------------------------------------- servers
@@ -1106,8 +1252,8 @@ BENCHMARKS: dict[str, Callable[[Settings], dict]] = {
     "serving": bench_serving,
 }
 # Run only when named: engine-options is made for a GPU box (``--bench engine-options --weights ... --device cuda``);
-# transport and model-call take apart the cost of a call between deployments.
-ON_REQUEST = ("engine-options", "transport", "model-call")
+# transport and model-call take apart the cost of a call between deployments; real-size takes ~25 min.
+ON_REQUEST = ("engine-options", "transport", "model-call", "real-size")
 
 
 def environment() -> dict:
@@ -1170,7 +1316,7 @@ def main(argv: list[str] | None = None) -> int:
           f"simplejpeg {env['simplejpeg']}, fpng {env['fpng']}")
     runners = {**BENCHMARKS,
                "engine-options": lambda s: bench_engine_options(s, weights=args.weights, device=args.device),
-               "transport": bench_transport, "model-call": bench_model_call}
+               "transport": bench_transport, "model-call": bench_model_call, "real-size": bench_real_size}
     results = {name: runners[name](settings) for name in (args.bench or BENCHMARKS)}
     elapsed = time.perf_counter() - started
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%SZ")

@@ -59,6 +59,28 @@ def tiny_models_dir(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def hf_env(tmp_path_factory):
+    """HF_HOME and the remote-code module cache in tmp; offline."""
+    import transformers.dynamic_module_utils as dynamic_modules
+
+    home = tmp_path_factory.mktemp("hf_home")
+    modules = home / "modules"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HF_HOME", str(home))
+        mp.setenv("HF_HUB_OFFLINE", "1")
+        mp.setenv("HF_MODULES_CACHE", str(modules))
+        # transformers reads HF_MODULES_CACHE at import; point its copy at tmp too, and
+        # undo the sys.path entry it adds for the module cache.
+        mp.setattr(dynamic_modules, "HF_MODULES_CACHE", str(modules))
+        mp.setattr(sys, "path", list(sys.path))
+        # A `transformers_modules` package imported from another cache earlier in the
+        # session would hide this one's modules from the remote code's relative imports.
+        for name in [name for name in sys.modules if name.split(".")[0] == "transformers_modules"]:
+            mp.delitem(sys.modules, name)
+        yield home
+
+
 @pytest.fixture(scope="session")
 def serve_instance():
     """A real local Ray cluster with Serve's HTTP proxy on a free loopback port."""

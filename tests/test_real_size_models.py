@@ -24,22 +24,6 @@ real_size = load_script("make_real_size_models")
 
 
 @pytest.fixture(scope="module")
-def hf_env(tmp_path_factory):
-    """HF_HOME and the remote-code module cache in tmp; offline."""
-    import transformers.dynamic_module_utils as dynamic_modules
-
-    home = tmp_path_factory.mktemp("hf_home")
-    modules = home / "modules"
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("HF_HOME", str(home))
-        mp.setenv("HF_HUB_OFFLINE", "1")
-        mp.setenv("HF_MODULES_CACHE", str(modules))
-        mp.setattr(dynamic_modules, "HF_MODULES_CACHE", str(modules))
-        mp.setattr(sys, "path", list(sys.path))  # undo the module cache's sys.path entry
-        yield home
-
-
-@pytest.fixture(scope="module")
 def lite_dir(tmp_path_factory):
     return real_size.make_real_size_birefnet(tmp_path_factory.mktemp("real-size"), "birefnet_lite")
 

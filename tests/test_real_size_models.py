@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import sys
 
 import numpy as np
 import pytest

@@ -376,41 +376,6 @@ def replicas_named(process: subprocess.Popen, title: str) -> list[psutil.Process
     return found
 
 
-def established_peers(process: psutil.Process) -> set:
-    return {c.raddr for c in process.net_connections("tcp") if c.status == psutil.CONN_ESTABLISHED}
-
-
-def test_a_request_whose_ingress_dies_gets_503_with_retry_after_and_the_ingress_comes_back(tmp_path, one_place):
-    # The ingress replica is killed while it reads an upload: Serve's proxy answers such
-    # a request with a bare 500; make run's HAProxy turns it into a 503 problem.
-    with serving_in_one_place(tmp_path, one_place) as (process, base):
-        (ingress,) = replicas_named(process, "ray::ServeReplica:strata:Ingress")
-        before = established_peers(ingress)
-        rgb, _ = product_photo(320, 240)
-        boundary = "strata-test-boundary"
-        payload = (f'--{boundary}\r\nContent-Disposition: form-data; name="image"; filename="p.jpg"\r\n'
-                   f"Content-Type: image/jpeg\r\n\r\n").encode() + jpeg_bytes(rgb) + f"\r\n--{boundary}--\r\n".encode()
-
-        def upload_that_outlives_its_ingress():
-            yield payload[:500]
-            deadline = time.monotonic() + 30
-            while not established_peers(ingress) - before:  # the upload has reached the replica
-                assert time.monotonic() < deadline, "the upload never reached the ingress"
-                time.sleep(0.05)
-            ingress.kill()
-            psutil.wait_procs([ingress], timeout=10)
-            yield payload[500:]
-
-        response = httpx.post(f"{base}/v1/remove-background", content=upload_that_outlives_its_ingress(),
-                              headers={"content-type": f"multipart/form-data; boundary={boundary}",
-                                       "content-length": str(len(payload))}, timeout=60)
-        assert response.status_code == 503
-        assert response.headers["retry-after"] == "1"
-        assert response.headers["content-type"] == "application/problem+json"
-        assert response.json()["status"] == 503
-        wait_until_healthy(base, process, timeout_s=60)  # Serve starts a new ingress replica
-
-
 def test_a_connection_that_trickles_its_headers_is_closed_with_408_at_the_deadline(tmp_path, one_place):
     # HAProxy's `timeout http-request` (limits.upload_timeout_s, 2 s here): a slowloris
     # connection holds nothing past it.

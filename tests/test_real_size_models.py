@@ -218,3 +218,15 @@ def test_the_adapters_call_fits_the_real_pipeline_signature():
     assert call["use_en_prompt"] is True and parameters["use_en_prompt"].default is False
     assert call["num_images_per_prompt"] == 1  # one image per call (batches mis-group outputs)
     assert call["generator"].initial_seed() == 5
+
+
+def test_bench_real_size_measures_each_case_in_its_own_process_and_reports_failures(hf_env, lite_dir):
+    bench = load_script("bench")
+    cases = [bench.RealSizeCase("birefnet_lite", input_size=64, batches=(1, 2)),
+             bench.RealSizeCase("birefnet_lite", input_size=48)]  # not a multiple of 32: the model fails
+    result = bench.bench_real_size(bench.QUICK, cases=cases, weights_dir=lite_dir.parent)
+    ok, failed = result["cases"]
+    assert [row["batch"] for row in ok["rows"]] == [1, 2] and ok["engine_dtype"] == "float32"
+    assert all(row["ms_per_image"] > 0 and row["peak_rss_mib"] > 100 for row in ok["rows"])
+    assert ok["best_batch"] in (1, 2) and ok["peak_rss_mib"] == max(r["peak_rss_mib"] for r in ok["rows"])
+    assert "error" in failed and "rows" not in failed

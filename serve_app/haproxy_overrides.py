@@ -14,7 +14,7 @@ Ray 2.60 writes HAProxy's config from a template nothing configures, and under
 - it sets no ``timeout http-request``, so connections that trickle a request's headers
   a byte at a time hold HAProxy's connections for as long as they like;
 - it sends Strata's liveness check (``/healthz``) through to the ingress like any
-  request, so under load it waits its turn (26 s at 200 concurrent requests): HAProxy
+  request, so under load it waits its turn (26 s at 200 concurrent, issue 28 reports): HAProxy
   now answers it itself while an ingress replica passes its health checks;
 - it passes no client address: every request reaches the ingress from HAProxy's, so
   per-address rate limits would count all clients as one. The frontend now sets
